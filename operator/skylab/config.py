@@ -1,0 +1,223 @@
+"""experiment.toml: what an experiment is, how to run it and how to search it.
+
+The file follows this layout (every section but [experiment], [search] and
+[execution] has defaults):
+
+    [experiment]  name, description
+    [search]      editable_files, frozen_files, metric, direction, metric_pattern,
+                  min_improvement
+    [execution]   command, time_budget_seconds, env
+    [constraints] max_vram_gb, max_trial_wall_time, max_consecutive_failures
+    [prepare]     command, args, ready_marker
+    [strategy.sweep] / [strategy.llm]
+    [profiles.NAME]   overrides of any table above, plus
+    [profiles.NAME.constants."FILE"]  constants rewritten in FILE when a campaign starts
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from skylab.errors import UserError
+
+CONFIG_FILE = "experiment.toml"
+ConstantValue = bool | int | float | str
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExperimentSection(_Section):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    description: str = ""
+
+
+class SearchSection(_Section):
+    editable_files: list[str] = Field(min_length=1)
+    frozen_files: list[str] = []
+    metric: str
+    direction: Literal["minimize", "maximize"]
+    metric_pattern: str
+    min_improvement: float = Field(default=0.0, ge=0)
+
+    @field_validator("metric_pattern")
+    @classmethod
+    def _one_group(cls, pattern: str) -> str:
+        try:
+            compiled = re.compile(pattern, re.MULTILINE)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from exc
+        if compiled.groups != 1:
+            raise ValueError("must have exactly one capture group for the metric value")
+        return pattern
+
+
+class ExecutionSection(_Section):
+    command: str = Field(min_length=1)
+    time_budget_seconds: float = Field(gt=0)
+    env: dict[str, str] = {}
+
+
+class ConstraintsSection(_Section):
+    max_vram_gb: float | None = Field(default=None, gt=0)
+    max_trial_wall_time: float | None = Field(default=None, gt=0)
+    max_consecutive_failures: int = Field(default=5, ge=1)
+
+
+class PrepareSection(_Section):
+    command: str = "python prepare.py"
+    args: list[str] = []
+    # A file prepare writes last, under the data directory, once the data is usable.
+    ready_marker: str = "READY"
+
+
+class SweepParameter(_Section):
+    """One constant to sweep: a list of values, or a numeric range."""
+
+    values: list[ConstantValue] | None = Field(default=None, min_length=1)
+    range: tuple[float, float] | None = None
+    steps: int | None = Field(default=None, ge=2)
+    log: bool = False
+    type: Literal["int", "float"] | None = None
+
+    @model_validator(mode="after")
+    def _values_or_range(self) -> SweepParameter:
+        if (self.values is None) == (self.range is None):
+            raise ValueError("give either 'values' or 'range'")
+        if self.range is not None:
+            low, high = self.range
+            if not low < high:
+                raise ValueError("'range' must be [low, high] with low < high")
+            if self.log and low <= 0:
+                raise ValueError("a log range must be positive")
+        return self
+
+
+class SweepSettings(_Section):
+    mode: Literal["grid", "random"] = "grid"
+    seed: int = 0
+    file: str = "train.py"
+    # Steps used for a range in grid mode when the parameter gives none.
+    default_steps: int = Field(default=3, ge=2)
+    parameters: dict[str, SweepParameter] = Field(min_length=1)
+
+    @field_validator("parameters")
+    @classmethod
+    def _constant_names(cls, parameters: dict[str, SweepParameter]) -> dict[str, SweepParameter]:
+        for name in parameters:
+            if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+                raise ValueError(f"{name!r} is not an UPPER_CASE module-level constant name")
+        return parameters
+
+
+class StrategySection(_Section):
+    sweep: SweepSettings | None = None
+    # Settings of the LLM strategy; validated by that strategy.
+    llm: dict[str, Any] | None = None
+
+
+class ExperimentConfig(_Section):
+    root: Path
+    profile: str | None = None
+    experiment: ExperimentSection
+    search: SearchSection
+    execution: ExecutionSection
+    constraints: ConstraintsSection = ConstraintsSection()
+    prepare: PrepareSection = PrepareSection()
+    strategy: StrategySection = StrategySection()
+    # File -> constant -> value, applied to the baseline commit of every campaign.
+    constants: dict[str, dict[str, ConstantValue]] = {}
+
+    @property
+    def name(self) -> str:
+        return self.experiment.name
+
+    @property
+    def tracked_files(self) -> list[str]:
+        return [*self.search.editable_files, *self.search.frozen_files]
+
+    @property
+    def max_trial_wall_time(self) -> float:
+        """Wall-clock cap of one trial: the configured one, else budget x2 + 2 minutes."""
+        configured = self.constraints.max_trial_wall_time
+        return configured or self.execution.time_budget_seconds * 2 + 120
+
+    def metric_from(self, text: str) -> float | None:
+        match = re.search(self.search.metric_pattern, text, re.MULTILINE)
+        if not match:
+            return None
+        try:
+            value = float(match.group(1))
+        except ValueError:
+            return None
+        return value if math.isfinite(value) else None
+
+
+def load_experiment(root: Path, profile: str | None = None) -> ExperimentConfig:
+    """Read ROOT/experiment.toml, apply PROFILE, validate; UserError on any problem."""
+    path = root / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: not found (an experiment directory needs {CONFIG_FILE})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: invalid TOML: {exc}") from exc
+
+    profiles = raw.pop("profiles", {})
+    if profile is not None:
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none"
+            raise UserError(f"{path}: unknown profile {profile!r} (profiles: {known})")
+        raw = _deep_merge(raw, profiles[profile])
+    try:
+        config = ExperimentConfig.model_validate({**raw, "root": root, "profile": profile})
+    except ValidationError as exc:
+        raise UserError(f"{path}: {_first_error(exc)}") from exc
+    _check_files(config, path)
+    return config
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{where}: required field is missing"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown field"
+    return f"{where}: {message}"
+
+
+def _check_files(config: ExperimentConfig, path: Path) -> None:
+    for name in config.tracked_files:
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise UserError(f"{path}: search: {name!r} must be a path inside the experiment")
+        if not (config.root / relative).is_file():
+            raise UserError(f"{path}: search: listed file {name!r} does not exist")
+    overlap = set(config.search.editable_files) & set(config.search.frozen_files)
+    if overlap:
+        raise UserError(f"{path}: search: {sorted(overlap)} both editable and frozen")
+    for name in config.constants:
+        if name not in config.tracked_files:
+            raise UserError(f"{path}: constants: {name!r} is not an editable or frozen file")
+    sweep = config.strategy.sweep
+    if sweep is not None and sweep.file not in config.search.editable_files:
+        raise UserError(f"{path}: strategy.sweep.file: {sweep.file!r} is not an editable file")

@@ -1,0 +1,103 @@
+"""The campaign repository: commits, refs, keep and revert, the user's files untouched."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from skylab.strategies.base import FileEdit
+from skylab.workspace import GitError, Workspace, trial_ref
+
+
+def _git(git_dir: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "--git-dir", str(git_dir), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> tuple[Workspace, str]:
+    files = {"train.py": "LR = 0.1\n", "prepare.py": "SEQ = 8\n", "sub/notes.md": "hi\n"}
+    return Workspace.create(tmp_path / "ws" / "camp.git", "camp", files)
+
+
+def test_baseline_commit_holds_the_files(workspace: tuple[Workspace, str]) -> None:
+    ws, root = workspace
+    assert ws.head() == root
+    assert ws.read_file(root, "train.py") == "LR = 0.1\n"
+    assert ws.read_file(root, "sub/notes.md") == "hi\n"
+    assert _git(ws.git_dir, "rev-parse", "refs/heads/skylab/camp") == root
+    assert _git(ws.git_dir, "config", "uploadpack.allowAnySHA1InWant") == "true"
+
+
+def test_trial_commit_is_a_child_with_its_own_ref(workspace: tuple[Workspace, str]) -> None:
+    ws, root = workspace
+    commit = ws.commit_trial(2, root, [FileEdit("train.py", "LR = 0.2\n")], "LR=0.2")
+    assert _git(ws.git_dir, "rev-parse", f"{commit}^") == root
+    assert _git(ws.git_dir, "rev-parse", trial_ref(2)) == commit
+    assert _git(ws.git_dir, "log", "-1", "--format=%s", commit) == "LR=0.2"
+    assert ws.read_file(commit, "train.py") == "LR = 0.2\n"
+    # untouched files are carried over from the parent
+    assert ws.read_file(commit, "prepare.py") == "SEQ = 8\n"
+    diff = ws.diff(root, commit)
+    assert "-LR = 0.1" in diff and "+LR = 0.2" in diff
+    # committing does not move the branch: only a keep does
+    assert ws.head() == root
+
+
+def test_keep_advances_and_revert_leaves_the_branch(workspace: tuple[Workspace, str]) -> None:
+    ws, root = workspace
+    kept = ws.commit_trial(2, root, [FileEdit("train.py", "LR = 0.2\n")], "keep me")
+    ws.advance(kept)
+    reverted = ws.commit_trial(3, kept, [FileEdit("train.py", "LR = 9\n")], "revert me")
+    assert ws.head() == kept
+    # the reverted trial is still inspectable by its ref
+    assert ws.read_file(_git(ws.git_dir, "rev-parse", trial_ref(3)), "train.py") == "LR = 9\n"
+    assert _git(ws.git_dir, "rev-parse", trial_ref(3)) == reverted
+    # the next trial branches from the kept one
+    nxt = ws.commit_trial(4, ws.head(), [FileEdit("train.py", "LR = 0.3\n")], "next")
+    assert _git(ws.git_dir, "rev-parse", f"{nxt}^") == kept
+
+
+def test_the_users_checkout_is_never_touched(tmp_path: Path) -> None:
+    user = tmp_path / "experiment"
+    user.mkdir()
+    (user / "train.py").write_text("LR = 0.1\n")
+    before = {p.name: p.read_bytes() for p in user.iterdir()}
+    ws, root = Workspace.create(
+        tmp_path / "home" / "c.git", "c", {"train.py": (user / "train.py").read_text()}
+    )
+    commit = ws.commit_trial(2, root, [FileEdit("train.py", "LR = 0.5\n")], "x")
+    ws.advance(commit)
+    ws.advance(root)  # a revert is a ref move
+    assert {p.name: p.read_bytes() for p in user.iterdir()} == before
+    assert not (user / ".git").exists()
+
+
+def test_a_trainer_can_fetch_a_trial_commit_by_hash(
+    workspace: tuple[Workspace, str], tmp_path: Path
+) -> None:
+    ws, root = workspace
+    commit = ws.commit_trial(2, root, [FileEdit("train.py", "LR = 0.7\n")], "x")
+    checkout = tmp_path / "checkout"
+    subprocess.run(["git", "init", "-q", str(checkout)], check=True)
+    subprocess.run(
+        ["git", "-C", str(checkout), "fetch", "-q", "--depth=1", str(ws.git_dir), commit],
+        check=True,
+    )
+    subprocess.run(["git", "-C", str(checkout), "checkout", "-q", commit], check=True)
+    assert (checkout / "train.py").read_text() == "LR = 0.7\n"
+
+
+def test_create_refuses_an_existing_repository(workspace: tuple[Workspace, str]) -> None:
+    ws, _ = workspace
+    with pytest.raises(GitError, match="already exists"):
+        Workspace.create(ws.git_dir, "camp", {"a": "b"})
+
+
+def test_unknown_path_is_a_git_error(workspace: tuple[Workspace, str]) -> None:
+    ws, root = workspace
+    with pytest.raises(GitError):
+        ws.read_file(root, "missing.py")
