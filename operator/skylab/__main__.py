@@ -1,0 +1,5 @@
+import sys
+
+from skylab.cli import main
+
+sys.exit(main())

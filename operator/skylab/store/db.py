@@ -1,0 +1,361 @@
+"""The store: campaigns, their trials and the trials' progress, in PostgreSQL.
+
+Every public method runs in a transaction of its own: it commits as a whole or, on
+any error, rolls back and leaves no half-written row. A Store wraps one connection;
+use one Store per thread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from skylab.engine import Status
+from skylab.errors import UserError
+from skylab.store.migrate import migrate
+from skylab.strategies.base import Usage
+from skylab_trainer.progress import Progress
+from skylab_trainer.report import TrialReport
+
+CampaignStatus = Literal["running", "succeeded", "stopped", "failed", "interrupted"]
+Direction = Literal["minimize", "maximize"]
+Row = dict[str, Any]
+
+
+class CampaignExistsError(UserError):
+    """A campaign of that name is already recorded."""
+
+
+class TrialNotRunningError(RuntimeError):
+    """The trial was already finished: its outcome and decision are recorded once."""
+
+
+@dataclass(frozen=True)
+class CampaignRecord:
+    id: int
+    name: str
+    experiment: str
+    strategy: str
+    profile: str | None
+    status: CampaignStatus
+    stop_reason: str | None
+    branch: str
+    config: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    id: int
+    campaign_id: int
+    number: int
+    is_baseline: bool
+    commit: str
+    parent_commit: str | None
+    strategy: str
+    description: str
+    rationale: str
+    diff: str
+    params: dict[str, Any]
+    status: Status
+    kept: bool | None  # None while running
+    decision_reason: str
+    metric_name: str | None  # None while running
+    metric: float | None
+    metrics: dict[str, float]
+    peak_vram_mb: float | None
+    exit_code: int | None
+    duration_seconds: float | None
+    message: str
+    log_tail: str
+    usage: Usage  # the usage and cost_usd columns together
+    created_at: datetime
+    started_at: datetime
+    finished_at: datetime | None
+
+
+def _columns(names: Sequence[str]) -> sql.Composable:
+    return sql.SQL(", ").join(sql.Identifier(name) for name in names)
+
+
+_CAMPAIGN = _columns([f.name for f in fields(CampaignRecord)])
+_TRIAL = _columns([f.name for f in fields(TrialRecord)] + ["cost_usd"])
+_NO_USAGE = Usage()  # a proposal that called no model
+_ORDER: dict[Direction, sql.SQL] = {"minimize": sql.SQL("ASC"), "maximize": sql.SQL("DESC")}
+
+
+class Store:
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    @classmethod
+    def connect(cls, url: str) -> Store:
+        """Connect to URL (a URI or conninfo string) and bring its schema up to date."""
+        conn = psycopg.connect(url, autocommit=False)
+        try:
+            migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[psycopg.Cursor[Row]]:
+        with self._conn.transaction(), self._conn.cursor(row_factory=dict_row) as cursor:
+            yield cursor
+
+    # Campaigns
+
+    def create_campaign(
+        self,
+        name: str,
+        experiment: str,
+        strategy: str,
+        profile: str | None,
+        branch: str,
+        config: Mapping[str, Any],
+    ) -> CampaignRecord:
+        query = sql.SQL(
+            "INSERT INTO campaigns (name, experiment, strategy, profile, branch, config)"
+            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING {}"
+        ).format(_CAMPAIGN)
+        with self._transaction() as cursor:
+            try:
+                cursor.execute(
+                    query, (name, experiment, strategy, profile, branch, Jsonb(dict(config)))
+                )
+            except psycopg.errors.UniqueViolation:
+                raise CampaignExistsError(
+                    f"a campaign named {name!r} already exists: choose another name"
+                ) from None
+            return CampaignRecord(**_one(cursor))
+
+    def get_campaign(self, name: str) -> CampaignRecord | None:
+        query = sql.SQL("SELECT {} FROM campaigns WHERE name = %s").format(_CAMPAIGN)
+        with self._transaction() as cursor:
+            row = cursor.execute(query, (name,)).fetchone()
+        return None if row is None else CampaignRecord(**row)
+
+    def latest_campaign(self, experiment: str | None = None) -> CampaignRecord | None:
+        """The campaign created last, of EXPERIMENT or of any experiment."""
+        query = sql.SQL(
+            "SELECT {} FROM campaigns WHERE %(experiment)s::text IS NULL"
+            " OR experiment = %(experiment)s ORDER BY id DESC LIMIT 1"
+        ).format(_CAMPAIGN)
+        with self._transaction() as cursor:
+            row = cursor.execute(query, {"experiment": experiment}).fetchone()
+        return None if row is None else CampaignRecord(**row)
+
+    def set_campaign_status(
+        self, campaign_id: int, status: CampaignStatus, stop_reason: str | None = None
+    ) -> CampaignRecord:
+        """Record STATUS; any status but running is an end, stamped with finished_at."""
+        query = sql.SQL(
+            "UPDATE campaigns SET status = %(status)s, stop_reason = %(stop_reason)s,"
+            " updated_at = now(),"
+            " finished_at = CASE WHEN %(status)s = 'running' THEN NULL ELSE now() END"
+            " WHERE id = %(id)s RETURNING {}"
+        ).format(_CAMPAIGN)
+        params = {"status": status, "stop_reason": stop_reason, "id": campaign_id}
+        with self._transaction() as cursor:
+            row = cursor.execute(query, params).fetchone()
+            if row is None:
+                raise LookupError(f"no campaign with id {campaign_id}")
+        return CampaignRecord(**row)
+
+    # Trials
+
+    def start_trial(
+        self,
+        campaign_id: int,
+        number: int,
+        *,
+        is_baseline: bool,
+        commit: str,
+        parent_commit: str | None,
+        strategy: str,
+        description: str,
+        rationale: str = "",
+        diff: str = "",
+        params: Mapping[str, Any] | None = None,
+        usage: Usage = _NO_USAGE,
+    ) -> TrialRecord:
+        """Record a trial that starts running now."""
+        tokens = asdict(usage)
+        cost = tokens.pop("cost_usd")
+        query = sql.SQL(
+            "INSERT INTO trials (campaign_id, number, is_baseline, commit, parent_commit,"
+            " strategy, description, rationale, diff, params, usage, cost_usd)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {}"
+        ).format(_TRIAL)
+        values = (
+            campaign_id,
+            number,
+            is_baseline,
+            commit,
+            parent_commit,
+            strategy,
+            description,
+            rationale,
+            diff,
+            Jsonb(dict(params or {})),
+            Jsonb(tokens),
+            cost,
+        )
+        with self._transaction() as cursor:
+            return _trial(_one(cursor.execute(query, values)))
+
+    def finish_trial(
+        self, trial_id: int, report: TrialReport, kept: bool, decision_reason: str
+    ) -> TrialRecord:
+        """Record a running trial's outcome and the keep-or-revert decision, once."""
+        query = sql.SQL(
+            "UPDATE trials SET status = %s, kept = %s, decision_reason = %s,"
+            " metric_name = %s, metric = %s, metrics = %s, peak_vram_mb = %s,"
+            " exit_code = %s, duration_seconds = %s, message = %s, log_tail = %s,"
+            " finished_at = now() WHERE id = %s RETURNING {}"
+        ).format(_TRIAL)
+        values = (
+            str(report.status),
+            kept,
+            decision_reason,
+            report.metric_name,
+            _finite(report.metric),
+            Jsonb({name: v for name, v in report.metrics.items() if math.isfinite(v)}),
+            _finite(report.peak_vram_mb),
+            report.exit_code,
+            report.duration_seconds,
+            report.message,
+            report.log_tail,
+            trial_id,
+        )
+        with self._transaction() as cursor:
+            # The row lock makes a second, concurrent finisher wait and then see our status.
+            current = cursor.execute(
+                "SELECT number, status FROM trials WHERE id = %s FOR UPDATE", (trial_id,)
+            ).fetchone()
+            if current is None:
+                raise LookupError(f"no trial with id {trial_id}")
+            if current["status"] != "running":
+                raise TrialNotRunningError(
+                    f"trial #{current['number']} already finished as {current['status']}"
+                )
+            return _trial(_one(cursor.execute(query, values)))
+
+    def mark_running_trials_killed(self, campaign_id: int, message: str) -> list[int]:
+        """End the trials a dead driver left running; return their numbers.
+
+        Their duration stays unknown: the driver died at some point before this call.
+        """
+        with self._transaction() as cursor:
+            rows = cursor.execute(
+                "UPDATE trials SET status = 'killed', kept = false,"
+                " decision_reason = 'interrupted before it finished', message = %s,"
+                " finished_at = now() WHERE campaign_id = %s AND status = 'running'"
+                " RETURNING number",
+                (message, campaign_id),
+            ).fetchall()
+        return sorted(row["number"] for row in rows)
+
+    def trials(self, campaign_id: int) -> list[TrialRecord]:
+        """Every trial of the campaign, in number order."""
+        query = sql.SQL("SELECT {} FROM trials WHERE campaign_id = %s ORDER BY number").format(
+            _TRIAL
+        )
+        with self._transaction() as cursor:
+            return [_trial(row) for row in cursor.execute(query, (campaign_id,))]
+
+    def best_trial(self, campaign_id: int, direction: Direction) -> TrialRecord | None:
+        """The kept trial with the best metric; the earliest wins a tie.
+
+        DIRECTION comes from the caller (the experiment's objective): the store does
+        not interpret a campaign's config.
+        """
+        query = sql.SQL(
+            "SELECT {} FROM trials WHERE campaign_id = %s AND kept"
+            " ORDER BY metric {}, number LIMIT 1"
+        ).format(_TRIAL, _ORDER[direction])
+        with self._transaction() as cursor:
+            row = cursor.execute(query, (campaign_id,)).fetchone()
+        return None if row is None else _trial(row)
+
+    # Progress
+
+    def add_progress(self, trial_id: int, items: Sequence[Progress]) -> None:
+        """Record progress lines; a step seen again replaces the earlier values."""
+        if not items:
+            return
+        with self._transaction() as cursor:
+            cursor.executemany(
+                "INSERT INTO trial_progress"
+                " (trial_id, step, loss, tokens_per_second, percent_done, seconds_left)"
+                " VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (trial_id, step) DO UPDATE SET loss = excluded.loss,"
+                " tokens_per_second = excluded.tokens_per_second,"
+                " percent_done = excluded.percent_done, seconds_left = excluded.seconds_left,"
+                " recorded_at = now()",
+                [
+                    (
+                        trial_id,
+                        item.step,
+                        item.loss,
+                        item.tokens_per_second,
+                        item.percent_done,
+                        item.seconds_left,
+                    )
+                    for item in items
+                ],
+            )
+
+    def progress(self, trial_id: int) -> list[Progress]:
+        """The trial's progress, in step order."""
+        with self._transaction() as cursor:
+            rows = cursor.execute(
+                "SELECT step, loss, tokens_per_second, percent_done, seconds_left"
+                " FROM trial_progress WHERE trial_id = %s ORDER BY step",
+                (trial_id,),
+            ).fetchall()
+        return [Progress(**row) for row in rows]
+
+
+def _one(cursor: psycopg.Cursor[Row]) -> Row:
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("the statement returned no row")
+    return row
+
+
+def _trial(row: Row) -> TrialRecord:
+    usage = Usage(**row.pop("usage"), cost_usd=row.pop("cost_usd"))
+    return TrialRecord(**row, usage=usage)
+
+
+def _finite(value: float | None) -> float | None:
+    # JSON and best_trial's ordering have no use for NaN or infinities.
+    return value if value is not None and math.isfinite(value) else None

@@ -1,0 +1,498 @@
+"""The store against a real PostgreSQL, and the embedded server's life cycle."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+
+from skylab.errors import UserError
+from skylab.store import (
+    CampaignExistsError,
+    CampaignRecord,
+    Store,
+    TrialNotRunningError,
+    open_database,
+)
+from skylab.store.embedded import embedded_postgres
+from skylab.store.migrate import MigrationError, available, migrate
+from skylab.store.url import URL_VARIABLE
+from skylab.strategies.base import Usage
+from skylab_trainer.progress import Progress
+from skylab_trainer.report import TrialReport, TrialStatus
+
+
+def _campaign(
+    store: Store, name: str = "nanochat-1", experiment: str = "nanochat"
+) -> CampaignRecord:
+    return store.create_campaign(
+        name, experiment, "sweep", None, f"skylab/{name}", {"direction": "minimize"}
+    )
+
+
+def _start(store: Store, campaign_id: int, number: int) -> int:
+    trial = store.start_trial(
+        campaign_id,
+        number,
+        is_baseline=number == 1,
+        commit=f"{number:040x}",
+        parent_commit=None,
+        strategy="sweep",
+        description=f"trial {number}",
+    )
+    return trial.id
+
+
+def _report(status: TrialStatus = TrialStatus.SUCCESS, metric: float | None = 1.0) -> TrialReport:
+    return TrialReport(status=status, metric_name="val_bpb", metric=metric)
+
+
+def _finish(store: Store, campaign_id: int, number: int, metric: float, kept: bool) -> None:
+    store.finish_trial(_start(store, campaign_id, number), _report(metric=metric), kept, "")
+
+
+# Migrations
+
+
+def _recorded_migrations(url: str) -> list[tuple[int, str, datetime]]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT version, name, applied_at FROM schema_migrations ORDER BY 1")
+        return rows.fetchall()
+
+
+def test_migrations_apply_once(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        assert migrate(conn) == available()
+    recorded = _recorded_migrations(database_url)
+
+    with psycopg.connect(database_url) as conn:
+        assert migrate(conn) == []
+    Store.connect(database_url).close()
+
+    assert _recorded_migrations(database_url) == recorded
+    assert [(version, name) for version, name, _ in recorded] == [
+        (migration.version, migration.name) for migration in available()
+    ]
+    assert available()[0].name == "initial"
+
+
+def test_concurrent_migrations_apply_each_file_once(database_url: str) -> None:
+    start = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def connect() -> None:
+        start.wait()
+        try:
+            Store.connect(database_url).close()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=connect) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert len(_recorded_migrations(database_url)) == len(available())
+
+
+def test_a_newer_schema_is_refused(database_url: str) -> None:
+    Store.connect(database_url).close()
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (9999, 'future')")
+
+    with pytest.raises(MigrationError, match="upgrade skylab"):
+        Store.connect(database_url)
+
+
+# Campaigns
+
+
+def test_campaigns_are_created_and_found(store: Store) -> None:
+    config = {"direction": "minimize", "budget": {"trials": 10}, "tags": ["a", "b"]}
+    first = store.create_campaign("gpt-1", "nanochat", "llm", "h100", "skylab/gpt-1", config)
+    second = store.create_campaign("sweep-1", "nanochat", "sweep", None, "skylab/sweep-1", {})
+    other = store.create_campaign("mnist-1", "mnist", "sweep", None, "skylab/mnist-1", {})
+
+    assert (first.name, first.experiment, first.strategy, first.profile) == (
+        "gpt-1",
+        "nanochat",
+        "llm",
+        "h100",
+    )
+    assert (first.branch, first.config, first.status) == ("skylab/gpt-1", config, "running")
+    assert first.stop_reason is None and first.finished_at is None
+    assert store.get_campaign("gpt-1") == first
+    assert store.get_campaign("nope") is None
+    assert store.latest_campaign("nanochat") == second
+    assert store.latest_campaign("mnist") == other
+    assert store.latest_campaign() == other
+    assert store.latest_campaign("cifar") is None
+
+
+def test_a_duplicate_campaign_name_is_a_clear_error(store: Store) -> None:
+    _campaign(store, "same")
+
+    with pytest.raises(CampaignExistsError, match="'same' already exists") as raised:
+        _campaign(store, "same", experiment="other")
+    assert isinstance(raised.value, UserError)
+    # The failed insert was rolled back: the connection goes on working.
+    assert store.get_campaign("same") is not None
+    assert store.latest_campaign("other") is None
+
+
+def test_campaign_status_stamps_the_end(store: Store) -> None:
+    campaign = _campaign(store)
+
+    stopped = store.set_campaign_status(campaign.id, "interrupted", "ctrl-c")
+    assert (stopped.status, stopped.stop_reason) == ("interrupted", "ctrl-c")
+    assert stopped.finished_at is not None
+    assert stopped.updated_at >= campaign.updated_at
+
+    resumed = store.set_campaign_status(campaign.id, "running")
+    assert (resumed.status, resumed.stop_reason, resumed.finished_at) == ("running", None, None)
+
+    done = store.set_campaign_status(campaign.id, "succeeded", "budget_spent")
+    assert done.finished_at is not None
+    assert store.get_campaign(campaign.name) == done
+
+    with pytest.raises(LookupError):
+        store.set_campaign_status(campaign.id + 100, "failed")
+
+
+# Trials
+
+
+def test_a_trial_round_trips_every_field(store: Store, database_url: str) -> None:
+    campaign = _campaign(store)
+    usage = Usage(
+        input_tokens=1200,
+        output_tokens=340,
+        cache_read_tokens=5000,
+        cache_write_tokens=70,
+        cost_usd=0.0421,
+    )
+    started = store.start_trial(
+        campaign.id,
+        2,
+        is_baseline=False,
+        commit="c" * 40,
+        parent_commit="p" * 40,
+        strategy="llm",
+        description="raise the learning rate",
+        rationale="the loss curve is still steep",
+        diff="-LR = 0.02\n+LR = 0.04\n",
+        params={"LR": 0.04, "DEPTH": 8},
+        usage=usage,
+    )
+    assert started.campaign_id == campaign.id
+    assert (started.number, started.is_baseline, started.status) == (2, False, "running")
+    assert (started.commit, started.parent_commit) == ("c" * 40, "p" * 40)
+    assert (started.strategy, started.description) == ("llm", "raise the learning rate")
+    assert started.rationale == "the loss curve is still steep"
+    assert started.diff == "-LR = 0.02\n+LR = 0.04\n"
+    assert started.params == {"LR": 0.04, "DEPTH": 8}
+    assert started.usage == usage
+    assert (started.kept, started.metric_name, started.metric, started.finished_at) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    assert (started.decision_reason, started.message, started.log_tail) == ("", "", "")
+    assert started.metrics == {} and started.peak_vram_mb is None
+    assert started.exit_code is None and started.duration_seconds is None
+
+    report = TrialReport(
+        status=TrialStatus.SUCCESS,
+        metric_name="val_bpb",
+        metric=0.9979,
+        metrics={"val_bpb": 0.9979, "peak_vram_mb": 45060.2, "mfu": 39.7},
+        exit_code=0,
+        duration_seconds=302.5,
+        message="done",
+        log_tail="step 00953 | loss 3.2\nval_bpb: 0.997900\n",
+    )
+    finished = store.finish_trial(started.id, report, True, "improved 1.0 -> 0.9979")
+
+    assert finished == replace(
+        started,
+        status="success",
+        kept=True,
+        decision_reason="improved 1.0 -> 0.9979",
+        metric_name="val_bpb",
+        metric=0.9979,
+        metrics={"val_bpb": 0.9979, "peak_vram_mb": 45060.2, "mfu": 39.7},
+        peak_vram_mb=45060.2,
+        exit_code=0,
+        duration_seconds=302.5,
+        message="done",
+        log_tail="step 00953 | loss 3.2\nval_bpb: 0.997900\n",
+        finished_at=finished.finished_at,
+    )
+    assert finished.finished_at is not None and finished.finished_at >= finished.started_at
+    # Committed: a second connection reads the same record.
+    with Store.connect(database_url) as other:
+        assert other.trials(campaign.id) == [finished]
+
+
+def test_non_finite_values_are_not_stored(store: Store) -> None:
+    campaign = _campaign(store)
+    trial_id = _start(store, campaign.id, 1)
+    report = TrialReport(
+        status=TrialStatus.CRASH,
+        metric_name="val_bpb",
+        metric=float("nan"),
+        metrics={"val_bpb": float("nan"), "peak_vram_mb": 100.0},
+    )
+
+    finished = store.finish_trial(trial_id, report, False, "crash: never kept")
+
+    assert finished.metric is None
+    assert finished.metrics == {"peak_vram_mb": 100.0}
+
+
+def test_a_trial_is_finished_once(store: Store) -> None:
+    campaign = _campaign(store)
+    trial_id = _start(store, campaign.id, 1)
+    first = store.finish_trial(trial_id, _report(metric=1.0), True, "baseline")
+
+    with pytest.raises(TrialNotRunningError, match="#1 already finished as success"):
+        store.finish_trial(trial_id, _report(TrialStatus.CRASH, None), False, "again")
+    assert store.trials(campaign.id) == [first]
+
+    with pytest.raises(LookupError):
+        store.finish_trial(trial_id + 100, _report(), False, "")
+
+
+def test_a_failed_finish_leaves_the_trial_untouched(store: Store) -> None:
+    campaign = _campaign(store)
+    trial_id = _start(store, campaign.id, 1)
+    [running] = store.trials(campaign.id)
+    # It printed its metric, then hung until it was killed.
+    timed_out = TrialReport(
+        status=TrialStatus.TIMEOUT,
+        metric_name="val_bpb",
+        metric=0.99,
+        exit_code=-9,
+        message="outlived its wall time",
+        log_tail="val_bpb: 0.990000",
+    )
+
+    # Only a success can be kept: the database refuses, and writes nothing.
+    with pytest.raises(psycopg.errors.CheckViolation, match="only_successes_are_kept"):
+        store.finish_trial(trial_id, timed_out, True, "wrongly kept")
+    assert store.trials(campaign.id) == [running]
+
+    finished = store.finish_trial(trial_id, timed_out, False, "timeout: never kept")
+    assert (finished.status, finished.kept, finished.metric, finished.log_tail) == (
+        "timeout",
+        False,
+        0.99,
+        "val_bpb: 0.990000",
+    )
+
+
+def test_a_kept_trial_needs_a_metric(store: Store) -> None:
+    campaign = _campaign(store)
+    trial_id = _start(store, campaign.id, 1)
+
+    with pytest.raises(psycopg.errors.CheckViolation, match="kept_trials_have_a_metric"):
+        store.finish_trial(trial_id, _report(metric=float("inf")), True, "baseline")
+    assert store.trials(campaign.id)[0].status == "running"
+
+
+def test_trial_numbers_are_unique_per_campaign(store: Store) -> None:
+    first = _campaign(store, "one")
+    second = _campaign(store, "two")
+    _start(store, first.id, 1)
+    _start(store, second.id, 1)
+
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        _start(store, first.id, 1)
+    assert [trial.number for trial in store.trials(first.id)] == [1]
+
+
+def test_running_trials_are_marked_killed(store: Store) -> None:
+    campaign = _campaign(store)
+    other = _campaign(store, "other")
+    _finish(store, campaign.id, 1, 1.0, kept=True)
+    for number in (3, 2):
+        _start(store, campaign.id, number)
+    _start(store, other.id, 1)
+
+    assert store.mark_running_trials_killed(campaign.id, "the driver was killed") == [2, 3]
+
+    trials = store.trials(campaign.id)
+    assert [trial.number for trial in trials] == [1, 2, 3]
+    assert trials[0].status == "success"
+    for trial in trials[1:]:
+        assert (trial.status, trial.kept, trial.message) == (
+            "killed",
+            False,
+            "the driver was killed",
+        )
+        assert trial.finished_at is not None and trial.duration_seconds is None
+    assert store.trials(other.id)[0].status == "running"
+    assert store.mark_running_trials_killed(campaign.id, "again") == []
+
+
+def test_best_trial_follows_the_direction(store: Store) -> None:
+    campaign = _campaign(store)
+    assert store.best_trial(campaign.id, "minimize") is None
+    for number, metric, kept in [(1, 1.0, True), (2, 0.5, False), (3, 0.9, True), (4, 0.9, True)]:
+        _finish(store, campaign.id, number, metric, kept)
+    _start(store, campaign.id, 5)
+
+    lowest = store.best_trial(campaign.id, "minimize")
+    highest = store.best_trial(campaign.id, "maximize")
+
+    assert lowest is not None and (lowest.number, lowest.metric) == (3, 0.9)  # first of a tie
+    assert highest is not None and (highest.number, highest.metric) == (1, 1.0)
+
+
+# Progress
+
+
+def test_progress_is_upserted_by_step(store: Store) -> None:
+    campaign = _campaign(store)
+    trial_id = _start(store, campaign.id, 1)
+    other_id = _start(store, campaign.id, 2)
+
+    store.add_progress(trial_id, [Progress(2, 4.0, 1e6, 2.0, 290.0), Progress(1, 5.0)])
+    store.add_progress(trial_id, [Progress(2, 3.5, 1.1e6, 2.5, 288.0), Progress(3, 3.0)])
+    store.add_progress(other_id, [Progress(1, 9.0)])
+    store.add_progress(other_id, [])
+
+    assert store.progress(trial_id) == [
+        Progress(1, 5.0),
+        Progress(2, 3.5, 1.1e6, 2.5, 288.0),
+        Progress(3, 3.0),
+    ]
+    assert store.progress(other_id) == [Progress(1, 9.0)]
+
+
+def test_a_failed_progress_batch_stores_none_of_it(store: Store) -> None:
+    campaign = _campaign(store)
+    trial_id = _start(store, campaign.id, 1)
+    store.add_progress(trial_id, [Progress(1, 5.0)])
+
+    batch = [Progress(1, 4.0), Progress(2, 3.0), Progress(2**31, 2.0)]  # beyond integer
+    with pytest.raises(psycopg.errors.NumericValueOutOfRange):
+        store.add_progress(trial_id, batch)
+
+    assert store.progress(trial_id) == [Progress(1, 5.0)]
+
+
+def test_deleting_a_campaign_deletes_its_trials(store: Store, database_url: str) -> None:
+    campaign = _campaign(store)
+    trial_id = _start(store, campaign.id, 1)
+    store.add_progress(trial_id, [Progress(1, 5.0)])
+
+    with psycopg.connect(database_url) as conn:
+        conn.execute("DELETE FROM campaigns WHERE id = %s", (campaign.id,))
+
+    assert store.trials(campaign.id) == []
+    assert store.progress(trial_id) == []
+
+
+# The embedded server
+
+
+def _insert(url: str, value: str) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS notes (value text)")
+        conn.execute("INSERT INTO notes VALUES (%s)", (value,))
+
+
+def _notes(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        return [value for (value,) in conn.execute("SELECT value FROM notes")]
+
+
+def _refused(url: str) -> bool:
+    try:
+        psycopg.connect(url, connect_timeout=5).close()
+    except psycopg.OperationalError:
+        return True
+    return False
+
+
+def _lock_file(data_dir: Path) -> Path:
+    return data_dir / "data" / "postmaster.pid"
+
+
+def test_embedded_server_stops_and_keeps_its_data(embedded_data_dir: Path) -> None:
+    with embedded_postgres(embedded_data_dir) as url, psycopg.connect(url) as conn:
+        assert conn.info.dbname == "skylab"
+        _insert(url, "before the stop")
+    assert _refused(url)
+    assert not _lock_file(embedded_data_dir).exists()
+
+    with embedded_postgres(embedded_data_dir) as url:
+        assert "before the stop" in _notes(url)
+
+
+def test_embedded_server_is_shared_until_the_last_user_leaves(embedded_data_dir: Path) -> None:
+    # A user that died without leaving is no reason to keep the server running.
+    (embedded_data_dir / "users" / f"{2**31 - 1}.dead").touch()
+    with embedded_postgres(embedded_data_dir) as outer:
+        with embedded_postgres(embedded_data_dir) as inner:
+            assert inner == outer
+        assert not _refused(outer)
+    assert _refused(outer)
+    assert list((embedded_data_dir / "users").iterdir()) == []
+
+
+def test_embedded_server_recovers_from_a_killed_server(embedded_data_dir: Path) -> None:
+    with embedded_postgres(embedded_data_dir) as url:
+        _insert(url, "before the kill")
+        postmaster = psutil.Process(int(_lock_file(embedded_data_dir).read_text().split()[0]))
+        postmaster.send_signal(signal.SIGKILL)
+        postmaster.wait(10)
+    assert _refused(url)
+    assert _lock_file(embedded_data_dir).exists()  # stale, left by the killed server
+
+    with embedded_postgres(embedded_data_dir) as url:
+        assert "before the kill" in _notes(url)
+
+
+def test_embedded_server_recovers_from_a_reused_pid(embedded_data_dir: Path) -> None:
+    with embedded_postgres(embedded_data_dir) as url:
+        _insert(url, "before the reboot")
+        lines = _lock_file(embedded_data_dir).read_text().splitlines()
+    # After a reboot, the PID in the lock files belongs to another process.
+    with subprocess.Popen(["sleep", "60"]) as other:
+        try:
+            stale = "\n".join([str(other.pid), *lines[1:]]) + "\n"
+            _lock_file(embedded_data_dir).write_text(stale)
+            (Path(lines[4]) / f".s.PGSQL.{lines[3]}.lock").write_text(stale)
+
+            with embedded_postgres(embedded_data_dir) as url:
+                assert "before the reboot" in _notes(url)
+        finally:
+            other.kill()
+
+
+def test_open_database_prefers_a_configured_url(
+    embedded_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(URL_VARIABLE, "postgresql:///from-env")
+    with open_database("postgresql:///explicit", embedded_data_dir) as url:
+        assert url == "postgresql:///explicit"
+    with open_database(None, embedded_data_dir) as url:
+        assert url == "postgresql:///from-env"
+    assert not _lock_file(embedded_data_dir).exists()
+
+    monkeypatch.delenv(URL_VARIABLE)
+    with open_database(None, embedded_data_dir) as url, Store.connect(url) as store:
+        assert store.latest_campaign() is None
+    assert _refused(url)

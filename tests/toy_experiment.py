@@ -1,0 +1,94 @@
+"""A toy experiment for driving `skylab run` fast: its train.py takes a second and its
+val_bpb is a known function of its constants, so keep/revert can be checked exactly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+TRAIN_PY = '''\
+"""Toy training script: val_bpb = (LR - 0.3) ** 2 + 1, after SLEEP seconds."""
+import os
+import time
+
+LR = 0.1  # the swept constant
+MODE = "ok"  # ok | crash | nometric | hang
+SLEEP = 0.5  # seconds of "training"
+
+for step in range(1, 4):
+    print(f"step {step:05d} | loss {4.0 / step:.6f} | done {step * 33.3:.1f}% | left 1s",
+          flush=True)
+    time.sleep(SLEEP / 3)
+if str(LR) == os.environ.get("TOY_SLOW_LR"):
+    time.sleep(60)  # lets a test interrupt this trial
+if MODE == "crash":
+    raise RuntimeError("boom: the toy model diverged")
+if MODE == "hang":
+    time.sleep(3600)
+if MODE != "nometric":
+    print("---")
+    print(f"val_bpb:          {(LR - 0.3) ** 2 + 1:.6f}")
+    print("peak_vram_mb:     0.0")
+'''
+
+
+def write_toy_experiment(root: Path, sweep: str, extra: str = "") -> Path:
+    """Write an experiment directory with the given [strategy.sweep] body."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.py").write_text(TRAIN_PY)
+    (root / "prepare.py").write_text("# frozen harness of the toy experiment\n")
+    (root / "experiment.toml").write_text(
+        textwrap.dedent(f"""\
+        [experiment]
+        name = "toy"
+
+        [search]
+        editable_files = ["train.py"]
+        frozen_files = ["prepare.py"]
+        metric = "val_bpb"
+        direction = "minimize"
+        metric_pattern = '^val_bpb:\\s+([-+0-9.eE]+)'
+
+        [execution]
+        command = "python train.py"
+        time_budget_seconds = 1
+
+        [constraints]
+        max_trial_wall_time = 20
+        max_consecutive_failures = 2
+
+        [prepare]
+        ready_marker = "READY"
+        {extra}
+        [strategy.sweep]
+        {sweep}
+        """)
+    )
+    return root
+
+
+def mark_prepared(home: Path, experiment: str = "toy") -> None:
+    data = home / "data" / experiment
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "READY").write_text("{}")
+
+
+def skylab_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "skylab", *args]
+
+
+def skylab(
+    *args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `skylab` CLI in a subprocess."""
+    return subprocess.run(
+        skylab_command(*args),
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
