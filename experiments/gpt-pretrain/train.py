@@ -1,0 +1,478 @@
+"""Pretrain a small GPT for a fixed time budget and report val_bpb. This file is the one
+the research strategies edit; prepare.py (data, tokenizer, evaluation) is frozen.
+
+    python train.py            # cwd = this directory; data from `python prepare.py`
+
+Environment: SKYLAB_TIME_BUDGET (training seconds, default 300), SKYLAB_DEVICE (cuda,
+mps, cpu, ...; overrides DEVICE), SKYLAB_DATA_DIR (the prepared data).
+
+Output: one progress line per step (at most one per PROGRESS_SECONDS once the first
+steps are printed), in the format of skylab_trainer/progress.py, then a summary block
+starting with a `---` line. Exit status 1 when the loss turns NaN or explodes.
+"""
+
+from __future__ import annotations
+
+import time
+
+T_START = time.time()  # wall clock of the whole run, imports included
+
+# Imports follow the clock on purpose: total_seconds includes them.
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from contextlib import AbstractContextManager, nullcontext  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader  # noqa: E402
+from torch import nn  # noqa: E402
+
+# ---------------------------------------------------------------------------
+# Hyperparameters: module-level literals, one per line (a sweep tool rewrites them)
+# ---------------------------------------------------------------------------
+
+# Model
+DEPTH = 8  # transformer blocks
+MODEL_DIM = 512  # residual stream width, a multiple of HEAD_DIM
+HEAD_DIM = 128  # width of one attention head; heads = MODEL_DIM // HEAD_DIM
+MLP_RATIO = 4  # MLP hidden width = MLP_RATIO * MODEL_DIM
+WINDOW_PATTERN = "SSSL"  # attention span per layer, cycled: L = full context, S = short
+SHORT_WINDOW_FRAC = 0.5  # span of an S layer as a fraction of the context
+ROPE_BASE = 10000.0  # rotary embedding base frequency
+LOGIT_SOFTCAP = 15.0  # logits = cap * tanh(logits / cap)
+X0_INIT = 0.1  # initial weight of the embedding re-injected before every block
+
+# Optimisation
+TOTAL_BATCH_SIZE = 2**19  # tokens per optimizer step (gradient accumulation fills it)
+DEVICE_BATCH_SIZE = 64  # rows per forward/backward pass (and per evaluation batch)
+MATRIX_LR = 0.04  # Muon learning rate of the 2-D block matrices
+EMBEDDING_LR = 0.6  # AdamW learning rate of the token embedding (scaled by dim)
+UNEMBEDDING_LR = 0.004  # AdamW learning rate of the output head (scaled by dim)
+SCALAR_LR = 0.5  # AdamW learning rate of the per-layer residual scalars
+WEIGHT_DECAY = 0.0  # decoupled weight decay of the Muon matrices
+ADAM_BETA1 = 0.8  # AdamW first-moment decay
+ADAM_BETA2 = 0.95  # AdamW second-moment decay
+MUON_MOMENTUM = 0.95  # Muon Nesterov momentum, reached after MUON_MOMENTUM_WARMUP steps
+MUON_MOMENTUM_START = 0.85  # Muon momentum at step 0
+MUON_MOMENTUM_WARMUP = 300  # steps of linear momentum warmup
+NS_STEPS = 5  # Newton-Schulz iterations that orthogonalise a Muon update
+WARMUP_RATIO = 0.0  # share of the time budget spent ramping the learning rates up
+WARMDOWN_RATIO = 0.5  # share of the time budget, at the end, decaying them to FINAL_LR_FRAC
+FINAL_LR_FRAC = 0.0  # learning-rate multiplier reached at the end of the budget
+GRAD_CLIP = 0.0  # max gradient norm of the AdamW parameters (0 = off)
+
+# Run
+SEED = 42  # torch RNG seed
+DEVICE = "auto"  # auto picks cuda > mps > cpu; env SKYLAB_DEVICE overrides
+COMPILE = True  # torch.compile the model on CUDA (never on CPU/MPS)
+TIMING_SKIP_STEPS = 10  # first CUDA steps (compile, autotune) not counted against TIME_BUDGET
+PROGRESS_SECONDS = 1.0  # at most one progress line per this many seconds after step 10
+MAX_LOSS = 100.0  # a training loss above this (or NaN) aborts the run
+CUDA_PEAK_FLOPS = 989.5e12  # assumed peak for MFU on CUDA: H100 SXM dense bf16
+OTHER_PEAK_FLOPS = 1e12  # assumed peak for MFU on CPU/MPS (indicative only)
+
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [seq_len, head_dim/2] of rotary position embeddings."""
+    inv_freq = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + d/2) of x [B, T, H, D] by position-dependent angles."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos = cos[: x.size(1), None, :].to(x.dtype)
+    sin = sin[: x.size(1), None, :].to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def layer_windows(depth: int, seq_len: int) -> list[int]:
+    """Attention span of every layer from WINDOW_PATTERN; the last layer sees everything."""
+    pattern = WINDOW_PATTERN.upper()
+    if not pattern or set(pattern) - {"S", "L"}:
+        raise ValueError(f"WINDOW_PATTERN {WINDOW_PATTERN!r}: use the letters S and L")
+    spans = {"L": seq_len, "S": max(1, min(round(SHORT_WINDOW_FRAC * seq_len), seq_len))}
+    windows = [spans[pattern[i % len(pattern)]] for i in range(depth)]
+    windows[-1] = seq_len
+    return windows
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, head_dim: int, window: int, seq_len: int):
+        super().__init__()
+        self.heads = dim // head_dim
+        self.head_dim = head_dim
+        self.window = window
+        self.c_q = nn.Linear(dim, dim, bias=False)
+        self.c_k = nn.Linear(dim, dim, bias=False)
+        self.c_v = nn.Linear(dim, dim, bias=False)
+        self.c_proj = nn.Linear(dim, dim, bias=False)
+        # A sliding window needs an explicit mask: True = may attend (causal and near).
+        mask = None
+        if window < seq_len:
+            pos = torch.arange(seq_len)
+            distance = pos[:, None] - pos[None, :]
+            mask = (distance >= 0) & (distance < window)
+        self.register_buffer("window_mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        shape = (batch, seq, self.heads, self.head_dim)
+        q = rms_norm(apply_rotary(self.c_q(x).view(shape), cos, sin))  # QK-norm
+        k = rms_norm(apply_rotary(self.c_k(x).view(shape), cos, sin))
+        v = self.c_v(x).view(shape)
+        q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))
+        if self.window_mask is None or seq <= self.window:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = self.window_mask[:seq, :seq]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(batch, seq, dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.c_fc = nn.Linear(dim, MLP_RATIO * dim, bias=False)
+        self.c_proj = nn.Linear(MLP_RATIO * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, head_dim: int, window: int, seq_len: int):
+        super().__init__()
+        self.attn = Attention(dim, head_dim, window, seq_len)
+        self.mlp = MLP(dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x), cos, sin)
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: RoPE, parameter-free RMSNorm, QK-norm, ReLU^2 MLP,
+    untied head, per-layer residual scalars and sliding-window layers."""
+
+    def __init__(self, vocab_size: int, seq_len: int):
+        super().__init__()
+        if MODEL_DIM % HEAD_DIM or HEAD_DIM % 2:
+            raise ValueError(f"MODEL_DIM {MODEL_DIM} must be a multiple of an even HEAD_DIM")
+        self.windows = layer_windows(DEPTH, seq_len)
+        self.wte = nn.Embedding(vocab_size, MODEL_DIM)
+        self.blocks = nn.ModuleList(
+            Block(MODEL_DIM, HEAD_DIM, window, seq_len) for window in self.windows
+        )
+        self.lm_head = nn.Linear(MODEL_DIM, vocab_size, bias=False)
+        # Before block i: x = resid_scales[i] * x + x0_scales[i] * embedding.
+        self.resid_scales = nn.Parameter(torch.ones(DEPTH))
+        self.x0_scales = nn.Parameter(torch.full((DEPTH,), X0_INIT))
+        cos, sin = rotary_tables(seq_len, HEAD_DIM)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        bound = math.sqrt(3 / MODEL_DIM)  # uniform with std 1/sqrt(dim)
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(linear.weight, -bound, bound)
+            # Zero output projections: every block starts as the identity.
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """Logits without targets; else the cross-entropy (nats) with that reduction.
+
+        reduction="none" gives one loss per target token, flattened in target order: the
+        contract prepare.evaluate_bpb relies on.
+        """
+        x = x0 = rms_norm(self.wte(idx))
+        for i, block in enumerate(self.blocks):
+            x = self.resid_scales[i] * x + self.x0_scales[i] * x0
+            x = block(x, self.rope_cos, self.rope_sin)
+        logits = self.lm_head(rms_norm(x)).float()
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction
+        )
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight of every matmul (embedding lookup
+        excluded) plus attention's QK^T and AV, 12 * heads * head_dim * span per layer,
+        where span is the layer's window: a full square per token, no causal discount
+        (the usual PaLM/nanochat convention, so numbers compare with theirs)."""
+        matmul_params = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2)
+        matmul_params += self.lm_head.weight.numel()
+        heads = MODEL_DIM // HEAD_DIM
+        attention = sum(12 * heads * HEAD_DIM * min(w, seq_len) for w in self.windows)
+        return 6 * matmul_params + attention
+
+
+# ---------------------------------------------------------------------------
+# Optimizer: Muon for the 2-D block matrices, AdamW for the rest
+# ---------------------------------------------------------------------------
+
+
+def orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximate U V^T of g = U S V^T (batched over dim 0) with a quintic
+    Newton-Schulz iteration, tuned (Keller Jordan's coefficients) to push every
+    singular value towards 1 quickly rather than exactly."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, orthogonalised per matrix; same-shape matrices are batched."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            by_shape: dict[torch.Size, list[nn.Parameter]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(p.shape, []).append(p)
+            for shape, params in by_shape.items():
+                self._update(params, shape, group)
+
+    def _update(self, params: list[nn.Parameter], shape: torch.Size, group: dict) -> None:
+        momentum = group["momentum"]
+        grads = torch.stack([p.grad for p in params])
+        if "buffer" not in self.state[params[0]]:
+            for p in params:
+                self.state[p]["buffer"] = torch.zeros_like(p)
+        buffers = torch.stack([self.state[p]["buffer"] for p in params])
+        buffers.lerp_(grads, 1 - momentum)
+        update = orthogonalize(grads.lerp_(buffers, momentum), NS_STEPS)
+        # Equal RMS per entry whatever the aspect ratio.
+        update *= max(1.0, shape[0] / shape[1]) ** 0.5
+        lr = group["lr"]
+        for p, buffer, u in zip(params, buffers, update, strict=True):
+            self.state[p]["buffer"].copy_(buffer)
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(u, alpha=-lr)
+
+
+def build_optimizers(model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
+    dim_scale = (MODEL_DIM / 768) ** -0.5  # embedding/head learning rates were tuned at 768
+    adam_groups = [
+        dict(params=[model.wte.weight], lr=EMBEDDING_LR * dim_scale),
+        dict(params=[model.lm_head.weight], lr=UNEMBEDDING_LR * dim_scale),
+        dict(params=[model.resid_scales, model.x0_scales], lr=SCALAR_LR),
+    ]
+    adam = torch.optim.AdamW(
+        adam_groups,
+        betas=(ADAM_BETA1, ADAM_BETA2),
+        eps=1e-10,
+        weight_decay=0.0,
+        fused=device.type == "cuda",
+    )
+    matrices = [p for p in model.blocks.parameters() if p.dim() == 2]
+    muon = Muon(matrices, lr=MATRIX_LR, momentum=MUON_MOMENTUM, weight_decay=WEIGHT_DECAY)
+    for optimizer in (adam, muon):
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+    return [adam, muon]
+
+
+def lr_multiplier(progress: float) -> float:
+    """Learning-rate factor at PROGRESS (training seconds / TIME_BUDGET)."""
+    if WARMUP_RATIO > 0 and progress < WARMUP_RATIO:
+        return max(progress / WARMUP_RATIO, 0.01)
+    if WARMDOWN_RATIO <= 0 or progress < 1 - WARMDOWN_RATIO:
+        return 1.0
+    remaining = max(1 - progress, 0.0) / WARMDOWN_RATIO
+    return FINAL_LR_FRAC + (1 - FINAL_LR_FRAC) * remaining
+
+
+def apply_schedule(optimizers: list[torch.optim.Optimizer], progress: float, step: int) -> float:
+    lrm = lr_multiplier(progress)
+    warm = min(step / MUON_MOMENTUM_WARMUP, 1.0) if MUON_MOMENTUM_WARMUP > 0 else 1.0
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if isinstance(optimizer, Muon):
+                group["momentum"] = MUON_MOMENTUM_START + warm * (
+                    MUON_MOMENTUM - MUON_MOMENTUM_START
+                )
+    return lrm
+
+
+# ---------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------
+
+
+def pick_device() -> torch.device:
+    choice = os.environ.get("SKYLAB_DEVICE") or DEVICE
+    if choice != "auto":
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_for(device: torch.device) -> AbstractContextManager[object]:
+    """bf16 autocast on CUDA; CPU and MPS train in fp32."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def progress_line(
+    step: int,
+    loss: float,
+    lrm: float,
+    dt: float,
+    tokens_per_second: float,
+    mfu: float,
+    done: float,
+    left: float,
+    epoch: int,
+) -> str:
+    """The format skylab_trainer/progress.py parses (epoch is an extra field)."""
+    return (
+        f"step {step:05d} | loss {loss:.6f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | "
+        f"tok/s {tokens_per_second:,.0f} | mfu {mfu:.1f}% | done {done:.1f}% | left {left:.0f}s"
+        f" | epoch {epoch}"
+    )
+
+
+def summary_block(stats: dict[str, str]) -> str:
+    return "\n".join(["---", *(f"{name + ':':<18}{value}" for name, value in stats.items())])
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def main() -> None:
+    torch.manual_seed(SEED)
+    device = pick_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = autocast_for(device)
+
+    tokenizer = Tokenizer.load()
+    tokens_per_pass = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+    if TOTAL_BATCH_SIZE % tokens_per_pass:
+        fail(f"TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of {tokens_per_pass}")
+    accum_steps = TOTAL_BATCH_SIZE // tokens_per_pass
+
+    raw_model = GPT(tokenizer.vocab_size, MAX_SEQ_LEN).to(device)
+    num_params = sum(p.numel() for p in raw_model.parameters())
+    flops_per_token = raw_model.flops_per_token(MAX_SEQ_LEN)
+    compiled = COMPILE and device.type == "cuda"
+    model = torch.compile(raw_model) if compiled else raw_model
+    optimizers = build_optimizers(raw_model, device)
+    skip_steps = TIMING_SKIP_STEPS if device.type == "cuda" else 0
+    peak_flops = CUDA_PEAK_FLOPS if device.type == "cuda" else OTHER_PEAK_FLOPS
+    print(
+        f"device {device} | params {num_params / 1e6:.2f}M | vocab {tokenizer.vocab_size} | "
+        f"budget {TIME_BUDGET:.0f}s | accumulation {accum_steps} x {tokens_per_pass:,} tokens",
+        flush=True,
+    )
+
+    loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device)
+    inputs, targets, epoch = next(loader)
+    training_seconds = 0.0
+    smooth_loss = 0.0
+    step = 0
+    last_print = 0.0
+    while True:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        progress = min(training_seconds / TIME_BUDGET, 1.0)
+        lrm = apply_schedule(optimizers, progress, step)
+        for _ in range(accum_steps):
+            with autocast:
+                loss = model(inputs, targets)
+            (loss / accum_steps).backward()
+            inputs, targets, epoch = next(loader)
+        if GRAD_CLIP > 0:
+            nn.utils.clip_grad_norm_(optimizers[0].param_groups[0]["params"], GRAD_CLIP)
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # also waits for the step to finish
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss_value) or loss_value > MAX_LOSS:
+            fail(f"training loss {loss_value} at step {step}: diverged, aborting")
+        step += 1
+        if step > skip_steps:
+            training_seconds += dt
+        smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
+        debiased = smooth_loss / (1 - 0.9**step)
+        tokens_per_second = TOTAL_BATCH_SIZE / dt
+        mfu = 100 * flops_per_token * tokens_per_second / peak_flops
+        finished = training_seconds >= TIME_BUDGET
+        now = time.perf_counter()
+        if step <= 10 or finished or now - last_print >= PROGRESS_SECONDS:
+            last_print = now
+            done = 100 * min(training_seconds / TIME_BUDGET, 1.0)
+            left = max(TIME_BUDGET - training_seconds, 0.0)
+            line = progress_line(step, debiased, lrm, dt, tokens_per_second, mfu, done, left, epoch)
+            print(line, flush=True)
+        if finished:
+            break
+    loader.close()
+
+    model.eval()
+    with autocast:
+        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    total_tokens = step * TOTAL_BATCH_SIZE
+    counted_tokens = max(step - skip_steps, 0) * TOTAL_BATCH_SIZE
+    mfu_percent = 100 * flops_per_token * counted_tokens / max(training_seconds, 1e-9) / peak_flops
+    peak_vram_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+    stats = {
+        "val_bpb": f"{val_bpb:.6f}",
+        "training_seconds": f"{training_seconds:.1f}",
+        "total_seconds": f"{time.time() - T_START:.1f}",
+        "peak_vram_mb": f"{peak_vram_mb:.1f}",
+        "mfu_percent": f"{mfu_percent:.2f}",
+        "total_tokens_M": f"{total_tokens / 1e6:.1f}",
+        "num_steps": f"{step}",
+        "num_params_M": f"{num_params / 1e6:.1f}",
+        "depth": f"{DEPTH}",
+    }
+    print(summary_block(stats), flush=True)
+
+
+if __name__ == "__main__":
+    main()
