@@ -16,7 +16,6 @@ The file follows this layout (every section but [experiment], [search] and
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
 from pathlib import Path
@@ -148,16 +147,6 @@ class ExperimentConfig(_Section):
         """Wall-clock cap of one trial: the configured one, else budget x2 + 2 minutes."""
         configured = self.constraints.max_trial_wall_time
         return configured or self.execution.time_budget_seconds * 2 + 120
-
-    def metric_from(self, text: str) -> float | None:
-        match = re.search(self.search.metric_pattern, text, re.MULTILINE)
-        if not match:
-            return None
-        try:
-            value = float(match.group(1))
-        except ValueError:
-            return None
-        return value if math.isfinite(value) else None
 
 
 def load_experiment(root: Path, profile: str | None = None) -> ExperimentConfig:
