@@ -1,0 +1,124 @@
+"""experiments/gpt-pretrain/train.py for real, at the cpu profile's sizes, for seconds.
+
+The experiment files are copied to a temporary directory with the cpu profile's
+constants rewritten the way a campaign's baseline commit gets them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from skylab.config import load_experiment
+from skylab.strategies.constants import rewrite_constants
+from skylab_trainer.progress import parse_progress
+from skylab_trainer.summary import find_metric, parse_summary
+
+EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "gpt-pretrain"
+SUMMARY_NAMES = [
+    "val_bpb",
+    "training_seconds",
+    "total_seconds",
+    "peak_vram_mb",
+    "mfu_percent",
+    "total_tokens_M",
+    "num_steps",
+    "num_params_M",
+    "depth",
+]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared from about 1 MB of stdlib sources, vocabulary 1024 (fast to build)."""
+    base = tmp_path_factory.mktemp("train-data")
+    source = base / "source"
+    source.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for package in ("json", "email", "asyncio"):
+        for path in sorted((stdlib / package).glob("*.py")):
+            shutil.copyfile(path, source / f"{package}_{path.name}")
+    spec = importlib.util.spec_from_file_location(
+        "gpt_pretrain_prepare_t", EXPERIMENT / "prepare.py"
+    )
+    assert spec is not None and spec.loader is not None
+    prepare = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = prepare
+    spec.loader.exec_module(prepare)
+    data = base / "data"
+    args = ["--data-dir", str(data), "--source", str(source), "--vocab-size", "1024"]
+    assert prepare.main(args) == 0
+    return data
+
+
+def cpu_experiment(target: Path, **overrides: float | int | str) -> Path:
+    """The experiment's files in TARGET with the cpu profile's constants (plus OVERRIDES)."""
+    config = load_experiment(EXPERIMENT, "cpu")
+    target.mkdir()
+    for name in ("train.py", "prepare.py"):
+        values = dict(config.constants.get(name, {}))
+        if name == "train.py":
+            values.update(overrides)
+        source = (EXPERIMENT / name).read_text()
+        (target / name).write_text(rewrite_constants(source, values) if values else source)
+    return target
+
+
+def run_train(workdir: Path, data_dir: Path, budget: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SKYLAB_DATA_DIR": str(data_dir), "SKYLAB_TIME_BUDGET": str(budget)}
+    env.pop("SKYLAB_DEVICE", None)
+    return subprocess.run(
+        [sys.executable, "train.py"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cpu_profile_trains_and_reports(tmp_path: Path, data_dir: Path) -> None:
+    result = run_train(cpu_experiment(tmp_path / "exp"), data_dir, budget=3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+
+    progress = [p for p in map(parse_progress, lines) if p is not None]
+    assert progress, result.stdout
+    assert [p.step for p in progress] == sorted({p.step for p in progress})
+    assert all(p.loss is not None and math.isfinite(p.loss) for p in progress)
+    assert all(p.tokens_per_second and p.tokens_per_second > 0 for p in progress)
+    assert progress[-1].percent_done == 100.0 and progress[-1].seconds_left == 0
+
+    # autoresearch's block: `---`, then `name:` padded to 18 columns, nothing after.
+    block = lines[lines.index("---") + 1 :]
+    assert [line.split(":")[0] for line in block] == SUMMARY_NAMES
+    assert all(re.fullmatch(r"[a-z_M]+: +\S+", line) and line[18] != " " for line in block)
+    summary = parse_summary(lines)
+    assert 0 < summary["val_bpb"] < 100 and math.isfinite(summary["val_bpb"])
+    assert summary["num_steps"] == progress[-1].step > 0
+    assert summary["training_seconds"] >= 3
+    assert summary["total_seconds"] >= summary["training_seconds"]
+    assert summary["peak_vram_mb"] == 0.0
+    assert summary["depth"] == load_experiment(EXPERIMENT, "cpu").constants["train.py"]["DEPTH"]
+    # The experiment's metric_pattern reads the same value the block holds.
+    pattern = re.compile(load_experiment(EXPERIMENT, "cpu").search.metric_pattern, re.MULTILINE)
+    assert find_metric(result.stdout, pattern) == f"{summary['val_bpb']:.6f}"
+
+
+def test_diverging_loss_aborts_with_status_1(tmp_path: Path, data_dir: Path) -> None:
+    # Any real loss is above 0.0: the very first step counts as an explosion.
+    result = run_train(cpu_experiment(tmp_path / "exp", MAX_LOSS=0.0), data_dir, budget=30)
+    assert result.returncode == 1
+    assert "diverged" in result.stderr
+    assert "---" not in result.stdout.splitlines()
