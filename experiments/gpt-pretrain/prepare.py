@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import gzip
+import io
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -49,7 +50,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tiktoken
-import torch
+
+# torch is imported inside the functions that train or evaluate: preparing data never
+# needs it, and importing it can take longer than the preparation on a small machine.
+if TYPE_CHECKING:
+    import torch
 
 # ---------------------------------------------------------------------------
 # Constants read by train.py (the cpu profile rewrites the first two)
@@ -64,12 +69,12 @@ TIME_BUDGET = float(os.environ.get("SKYLAB_TIME_BUDGET") or 300)  # training sec
 # ---------------------------------------------------------------------------
 
 READY = "READY"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "skylab" / "gpt-pretrain"
 DOWNLOAD_DIR = "climbmix"  # downloaded shards, kept across runs so downloads resume
 CORPUS_DIR = "corpus"  # shards built from --source or the stdlib fallback
 TOKENIZER_FILE = "tokenizer.json"
-TOKEN_BYTES_FILE = "token_bytes.pt"
+TOKEN_BYTES_FILE = "token_bytes.npy"
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 VAL_SHARD_INDEX = 6542  # the last climbmix shard is pinned as the validation shard
@@ -462,14 +467,14 @@ def _encoding(pattern: str, ranks: dict[bytes, int]) -> tiktoken.Encoding:
     )
 
 
-def token_byte_lengths(encoding: tiktoken.Encoding) -> torch.Tensor:
+def token_byte_lengths(encoding: tiktoken.Encoding) -> np.ndarray:
     """UTF-8 bytes each token id stands for; special tokens count 0 bytes."""
     special_ids = {encoding.encode_single_token(name) for name in encoding.special_tokens_set}
     lengths = [
         0 if token in special_ids else len(encoding.decode_single_token_bytes(token))
         for token in range(encoding.n_vocab)
     ]
-    return torch.tensor(lengths, dtype=torch.int32)
+    return np.array(lengths, dtype=np.int32)
 
 
 def save_tokenizer(encoding: tiktoken.Encoding, directory: Path) -> None:
@@ -484,9 +489,9 @@ def save_tokenizer(encoding: tiktoken.Encoding, directory: Path) -> None:
         ],
     }
     _atomic_write(directory / TOKENIZER_FILE, json.dumps(payload).encode())
-    partial = directory / (TOKEN_BYTES_FILE + ".part")
-    torch.save(token_byte_lengths(encoding), partial)
-    partial.replace(directory / TOKEN_BYTES_FILE)
+    buffer = io.BytesIO()
+    np.save(buffer, token_byte_lengths(encoding))
+    _atomic_write(directory / TOKEN_BYTES_FILE, buffer.getvalue())
 
 
 class Tokenizer:
@@ -510,7 +515,9 @@ class Tokenizer:
             mergeable_ranks=ranks,
             special_tokens=payload["special_tokens"],
         )
-        token_bytes = torch.load(root / TOKEN_BYTES_FILE, map_location="cpu")
+        import torch
+
+        token_bytes = torch.from_numpy(np.load(root / TOKEN_BYTES_FILE))
         return cls(encoding, token_bytes, payload["bos_token"])
 
     # autoresearch spelling, for code written against it
@@ -654,6 +661,8 @@ class DataLoader:
         self._thread.start()
 
     def _produce(self, rows: Iterator[tuple[np.ndarray, int]]) -> None:
+        import torch
+
         try:
             for array, epoch in rows:
                 staged = torch.from_numpy(np.stack([array[:, :-1], array[:, 1:]]))
@@ -700,6 +709,8 @@ def make_dataloader(
     prefetch: int = 2,
 ) -> DataLoader:
     """Endless (inputs, targets, epoch) batches of SPLIT, BOS-aligned and best-fit packed."""
+    import torch
+
     rows = packed_rows(tokenizer, shard_paths(split, directory), batch_size, seq_len)
     return DataLoader(rows, torch.device(device), prefetch)
 
@@ -710,12 +721,13 @@ def make_dataloader(
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
+    import torch
+
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
 
 
-@torch.no_grad()
 def evaluate_bpb(model: torch.nn.Module, tokenizer: Tokenizer, batch_size: int) -> float:
     """Bits per byte on the first EVAL_TOKENS tokens of the validation shard.
 
@@ -727,6 +739,8 @@ def evaluate_bpb(model: torch.nn.Module, tokenizer: Tokenizer, batch_size: int) 
     scored (the shard wraps around if it is shorter). Run it under the autocast the
     model trains with.
     """
+    import torch
+
     device = _device_of(model)
     token_bytes = tokenizer.token_bytes.to(device)
     steps = max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN))
@@ -736,7 +750,8 @@ def evaluate_bpb(model: torch.nn.Module, tokenizer: Tokenizer, batch_size: int) 
     try:
         for _ in range(steps):
             inputs, targets, _ = next(loader)
-            losses = model(inputs, targets, reduction="none").reshape(-1).float()
+            with torch.no_grad():
+                losses = model(inputs, targets, reduction="none").reshape(-1).float()
             nbytes = token_bytes[targets.reshape(-1)]
             counted = nbytes > 0
             total_nats += torch.where(counted, losses, 0.0).sum().item()

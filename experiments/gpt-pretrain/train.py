@@ -22,6 +22,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from contextlib import AbstractContextManager, nullcontext  # noqa: E402
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -250,14 +251,56 @@ def orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
     return (x.mT if tall else x).to(g.dtype)
 
 
-class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalised per matrix; same-shape matrices are batched."""
+class Optimizer:
+    """Parameter groups (dicts with "params" and "lr") plus per-parameter state. Not
+    torch.optim.Optimizer: its constructor imports torch._dynamo, which costs tens of
+    seconds before the first step on a small CPU and buys nothing here."""
 
-    def __init__(self, params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+    def __init__(self, groups: list[dict[str, Any]]):
+        self.param_groups = groups
+        self.state: dict[nn.Parameter, dict[str, Any]] = {}
+        for group in groups:
+            group["initial_lr"] = group["lr"]
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay and bias correction."""
+
+    def __init__(self, groups: list[dict[str, Any]], betas: tuple[float, float], eps: float):
+        super().__init__(groups)
+        self.betas = betas
+        self.eps = eps
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:  # type: ignore[override]
+    def step(self) -> None:
+        beta1, beta2 = self.betas
+        for group in self.param_groups:
+            lr, decay = group["lr"], group.get("weight_decay", 0.0)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state.get(p)
+                if state is None:
+                    state = dict(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                    self.state[p] = state
+                state["step"] += 1
+                state["m"].lerp_(p.grad, 1 - beta1)
+                state["v"].lerp_(p.grad.square(), 1 - beta2)
+                m_scale = 1 - beta1 ** state["step"]
+                v_scale = 1 - beta2 ** state["step"]
+                denom = (state["v"] / v_scale).sqrt_().add_(self.eps)
+                p.mul_(1 - lr * decay)
+                p.addcdiv_(state["m"], denom, value=-lr / m_scale)
+
+
+class Muon(Optimizer):
+    """Nesterov momentum, orthogonalised per matrix; same-shape matrices are batched."""
+
+    @torch.no_grad()
+    def step(self) -> None:
         for group in self.param_groups:
             by_shape: dict[torch.Size, list[nn.Parameter]] = {}
             for p in group["params"]:
@@ -269,9 +312,9 @@ class Muon(torch.optim.Optimizer):
     def _update(self, params: list[nn.Parameter], shape: torch.Size, group: dict) -> None:
         momentum = group["momentum"]
         grads = torch.stack([p.grad for p in params])
-        if "buffer" not in self.state[params[0]]:
-            for p in params:
-                self.state[p]["buffer"] = torch.zeros_like(p)
+        for p in params:
+            if p not in self.state:
+                self.state[p] = dict(buffer=torch.zeros_like(p))
         buffers = torch.stack([self.state[p]["buffer"] for p in params])
         buffers.lerp_(grads, 1 - momentum)
         update = orthogonalize(grads.lerp_(buffers, momentum), NS_STEPS)
@@ -284,25 +327,21 @@ class Muon(torch.optim.Optimizer):
             p.add_(u, alpha=-lr)
 
 
-def build_optimizers(model: GPT, device: torch.device) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT) -> list[Optimizer]:
     dim_scale = (MODEL_DIM / 768) ** -0.5  # embedding/head learning rates were tuned at 768
-    adam_groups = [
-        dict(params=[model.wte.weight], lr=EMBEDDING_LR * dim_scale),
-        dict(params=[model.lm_head.weight], lr=UNEMBEDDING_LR * dim_scale),
-        dict(params=[model.resid_scales, model.x0_scales], lr=SCALAR_LR),
-    ]
-    adam = torch.optim.AdamW(
-        adam_groups,
+    adam = AdamW(
+        [
+            dict(params=[model.wte.weight], lr=EMBEDDING_LR * dim_scale),
+            dict(params=[model.lm_head.weight], lr=UNEMBEDDING_LR * dim_scale),
+            dict(params=[model.resid_scales, model.x0_scales], lr=SCALAR_LR),
+        ],
         betas=(ADAM_BETA1, ADAM_BETA2),
         eps=1e-10,
-        weight_decay=0.0,
-        fused=device.type == "cuda",
     )
     matrices = [p for p in model.blocks.parameters() if p.dim() == 2]
-    muon = Muon(matrices, lr=MATRIX_LR, momentum=MUON_MOMENTUM, weight_decay=WEIGHT_DECAY)
-    for optimizer in (adam, muon):
-        for group in optimizer.param_groups:
-            group["initial_lr"] = group["lr"]
+    muon = Muon(
+        [dict(params=matrices, lr=MATRIX_LR, momentum=MUON_MOMENTUM, weight_decay=WEIGHT_DECAY)]
+    )
     return [adam, muon]
 
 
@@ -316,7 +355,7 @@ def lr_multiplier(progress: float) -> float:
     return FINAL_LR_FRAC + (1 - FINAL_LR_FRAC) * remaining
 
 
-def apply_schedule(optimizers: list[torch.optim.Optimizer], progress: float, step: int) -> float:
+def apply_schedule(optimizers: list[Optimizer], progress: float, step: int) -> float:
     lrm = lr_multiplier(progress)
     warm = min(step / MUON_MOMENTUM_WARMUP, 1.0) if MUON_MOMENTUM_WARMUP > 0 else 1.0
     for optimizer in optimizers:
@@ -399,7 +438,7 @@ def main() -> None:
     flops_per_token = raw_model.flops_per_token(MAX_SEQ_LEN)
     compiled = COMPILE and device.type == "cuda"
     model = torch.compile(raw_model) if compiled else raw_model
-    optimizers = build_optimizers(raw_model, device)
+    optimizers = build_optimizers(raw_model)
     skip_steps = TIMING_SKIP_STEPS if device.type == "cuda" else 0
     peak_flops = CUDA_PEAK_FLOPS if device.type == "cuda" else OTHER_PEAK_FLOPS
     print(
