@@ -1,16 +1,16 @@
-.PHONY: demo test test-e2e lint
+.PHONY: demo test test-quick lint
 
 # A 3-trial sweep campaign of gpt-pretrain on the CPU, then its history.
 demo:
 	./scripts/demo.sh
 
-# The test suite (lint, types, pytest; the slow end-to-end campaign is `make test-e2e`).
+# The whole test suite: lint, types, pytest (the real gpt-pretrain campaign included).
 test:
 	./scripts/test.sh
 
-# The end-to-end campaign of the real gpt-pretrain at its cpu profile.
-test-e2e:
-	./scripts/test.sh -m slow
+# Everything but the minutes-long runs of the real train.py.
+test-quick:
+	./scripts/test.sh -m "not slow"
 
 lint:
 	.venv/bin/ruff format .

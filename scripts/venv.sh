@@ -4,19 +4,34 @@ unset PYTHONDONTWRITEBYTECODE
 
 ensure_venv() {
   local extras=$1 python=${PYTHON:-python3}
+  local stamp=".venv/.installed-${extras//,/-}"
+  [ "$stamp" -nt pyproject.toml ] && return 0
   if [ ! -x .venv/bin/python ]; then
     "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
       || { echo "skylab needs Python 3.11 or newer (set PYTHON=...)" >&2; return 1; }
-    "$python" -m venv .venv
+    if outer_pip_can_target "$python"; then
+      # Seeding pip into the venv costs a minute on a small machine; the outer pip
+      # installs into it instead.
+      "$python" -m venv --without-pip .venv
+    else
+      "$python" -m venv .venv
+    fi
   fi
   # --no-compile: byte-compiling all of torch at install time costs minutes.
-  local pip=(.venv/bin/python -m pip install --quiet --no-compile --disable-pip-version-check)
-  local stamp=".venv/.installed-${extras//,/-}"
-  [ "$stamp" -nt pyproject.toml ] && return 0
+  local pip=(.venv/bin/python -m pip)
+  .venv/bin/python -m pip --version >/dev/null 2>&1 || pip=("$python" -m pip --python .venv/bin/python)
+  pip+=(install --quiet --no-compile --disable-pip-version-check)
+  local packages=(-e ".[$extras]")
   if ! .venv/bin/python -c 'import importlib.util as u; exit(u.find_spec("torch") is None)'; then
-    # The CPU build of torch; set SKYLAB_TORCH to choose another.
-    "${pip[@]}" "${SKYLAB_TORCH:-torch==2.13.0}"
+    # Pinned in the same resolution, so the dependencies never pull a CUDA build of torch
+    # in; set SKYLAB_TORCH to choose another build.
+    packages=("${SKYLAB_TORCH:-torch==2.13.0}" "${packages[@]}")
   fi
-  "${pip[@]}" -e ".[$extras]"
+  "${pip[@]}" "${packages[@]}"
   touch "$stamp"
+}
+
+# pip >= 22.3 installs into another interpreter's environment with --python.
+outer_pip_can_target() {
+  "$1" -m pip --help 2>/dev/null | grep -q -- '--python <python>'
 }

@@ -694,8 +694,11 @@ class DataLoader:
         return batch[0], batch[1], epoch
 
     def close(self) -> None:
-        """Stop the producer thread (it exits at its next queue operation)."""
+        """Stop the producer thread and wait for it (it exits at its next queue
+        operation). A thread still inside numpy or torch when the interpreter exits can
+        abort the process after the summary has been printed."""
         self._stop.set()
+        self._thread.join()
 
 
 def make_dataloader(

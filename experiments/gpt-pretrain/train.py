@@ -21,7 +21,7 @@ T_START = time.time()  # wall clock of the whole run, imports included
 import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-from contextlib import AbstractContextManager, nullcontext  # noqa: E402
+from contextlib import AbstractContextManager, closing, nullcontext  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -447,50 +447,53 @@ def main() -> None:
         flush=True,
     )
 
-    loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device)
-    inputs, targets, epoch = next(loader)
-    training_seconds = 0.0
-    smooth_loss = 0.0
-    step = 0
-    last_print = 0.0
-    while True:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        progress = min(training_seconds / TIME_BUDGET, 1.0)
-        lrm = apply_schedule(optimizers, progress, step)
-        for _ in range(accum_steps):
-            with autocast:
-                loss = model(inputs, targets)
-            (loss / accum_steps).backward()
-            inputs, targets, epoch = next(loader)
-        if GRAD_CLIP > 0:
-            nn.utils.clip_grad_norm_(optimizers[0].param_groups[0]["params"], GRAD_CLIP)
-        for optimizer in optimizers:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
-        loss_value = loss.item()  # also waits for the step to finish
-        dt = time.perf_counter() - t0
-        if not math.isfinite(loss_value) or loss_value > MAX_LOSS:
-            fail(f"training loss {loss_value} at step {step}: diverged, aborting")
-        step += 1
-        if step > skip_steps:
-            training_seconds += dt
-        smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
-        debiased = smooth_loss / (1 - 0.9**step)
-        tokens_per_second = TOTAL_BATCH_SIZE / dt
-        mfu = 100 * flops_per_token * tokens_per_second / peak_flops
-        finished = training_seconds >= TIME_BUDGET
-        now = time.perf_counter()
-        if step <= 10 or finished or now - last_print >= PROGRESS_SECONDS:
-            last_print = now
-            done = 100 * min(training_seconds / TIME_BUDGET, 1.0)
-            left = max(TIME_BUDGET - training_seconds, 0.0)
-            line = progress_line(step, debiased, lrm, dt, tokens_per_second, mfu, done, left, epoch)
-            print(line, flush=True)
-        if finished:
-            break
-    loader.close()
+    with closing(
+        make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device)
+    ) as loader:
+        inputs, targets, epoch = next(loader)
+        training_seconds = 0.0
+        smooth_loss = 0.0
+        step = 0
+        last_print = 0.0
+        while True:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            progress = min(training_seconds / TIME_BUDGET, 1.0)
+            lrm = apply_schedule(optimizers, progress, step)
+            for _ in range(accum_steps):
+                with autocast:
+                    loss = model(inputs, targets)
+                (loss / accum_steps).backward()
+                inputs, targets, epoch = next(loader)
+            if GRAD_CLIP > 0:
+                nn.utils.clip_grad_norm_(optimizers[0].param_groups[0]["params"], GRAD_CLIP)
+            for optimizer in optimizers:
+                optimizer.step()
+            model.zero_grad(set_to_none=True)
+            loss_value = loss.item()  # also waits for the step to finish
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss_value) or loss_value > MAX_LOSS:
+                fail(f"training loss {loss_value} at step {step}: diverged, aborting")
+            step += 1
+            if step > skip_steps:
+                training_seconds += dt
+            smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
+            debiased = smooth_loss / (1 - 0.9**step)
+            tokens_per_second = TOTAL_BATCH_SIZE / dt
+            mfu = 100 * flops_per_token * tokens_per_second / peak_flops
+            finished = training_seconds >= TIME_BUDGET
+            now = time.perf_counter()
+            if step <= 10 or finished or now - last_print >= PROGRESS_SECONDS:
+                last_print = now
+                done = 100 * min(training_seconds / TIME_BUDGET, 1.0)
+                left = max(TIME_BUDGET - training_seconds, 0.0)
+                line = progress_line(
+                    step, debiased, lrm, dt, tokens_per_second, mfu, done, left, epoch
+                )
+                print(line, flush=True)
+            if finished:
+                break
 
     model.eval()
     with autocast:
