@@ -28,6 +28,9 @@ ensure_venv() {
     packages=("${SKYLAB_TORCH:-torch==2.13.0}" "${packages[@]}")
   fi
   "${pip[@]}" "${packages[@]}"
+  # Installed without bytecode: compile the modules a trial imports now, once, rather
+  # than inside the first trial's wall-clock limit.
+  .venv/bin/python -c 'import torch, torch.nn.functional, numpy, pyarrow.parquet, tiktoken'
   touch "$stamp"
 }
 

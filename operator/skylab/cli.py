@@ -103,7 +103,22 @@ def _parser() -> argparse.ArgumentParser:
         help="PostgreSQL URL (default: $SKYLAB_DATABASE_URL, else the embedded server in the home)",
     )
     hist.set_defaults(handler=_history)
+
+    crds = commands.add_parser("crds", help="write the CustomResourceDefinitions")
+    crds.add_argument("--output", type=Path, default=Path("crds"), help="directory (crds/)")
+    crds.set_defaults(handler=_crds)
     return parser
+
+
+def _crds(args: argparse.Namespace) -> int:
+    # Imported here: the API's YAML dependency belongs to the operator extra.
+    from skylab.api.crds import RESOURCES, write_crds
+
+    changed = write_crds(args.output)
+    for resource in RESOURCES:
+        path = args.output / resource.filename
+        print(f"{path}: {'written' if path in changed else 'unchanged'}", file=sys.stderr)
+    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:

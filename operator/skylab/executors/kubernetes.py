@@ -1,0 +1,227 @@
+"""Job manifests for a trial: what the operator creates, as plain dicts (no I/O).
+
+One node: a Job of one pod; N GPUs run `torchrun --standalone --nproc_per_node=N`.
+Several nodes: an Indexed Job (completions = parallelism = nodes) plus a headless
+Service, and torchrun rendezvous through PET_* env the way PyTorchJob sets it: the
+master is pod 0's DNS name, the node rank is the pod's completion index.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from skylab.api.models import TrialTemplate
+from skylab.executors.base import TrialLaunch
+
+Manifest = dict[str, Any]
+CAMPAIGN_LABEL = "skylab.dev/campaign"
+TRIAL_LABEL = "skylab.dev/trial"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+CONTAINER = "trainer"
+MASTER_PORT = 29500
+TRAINER_UID = 1000
+DATA_VOLUME = "data"
+SHM_VOLUME = "dshm"  # NCCL and dataloader workers need more than the 64 MiB default
+# The trainer stops the command this long before the Job deadline, so that its
+# timeout report, not the deadline, ends the trial.
+REPORT_MARGIN_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    job: Manifest
+    service: Manifest | None  # the headless Service of a multi-node trial
+
+
+def distributed_command(command: str, gpus_per_node: int, nodes: int) -> str:
+    """COMMAND under torchrun when the trial spans several GPUs or nodes.
+
+    `python SCRIPT ARGS` becomes `torchrun ... SCRIPT ARGS`; any other command is
+    taken to launch its own workers and is left alone.
+    """
+    words = shlex.split(command)
+    if (gpus_per_node <= 1 and nodes == 1) or not words or words[0] not in ("python", "python3"):
+        return command
+    if nodes == 1:
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={gpus_per_node}"]
+    else:  # rendezvous, node count and rank come from the PET_* env
+        launcher = ["torchrun"]
+    return shlex.join([*launcher, *words[1:]])
+
+
+def trial_job(
+    launch: TrialLaunch,
+    template: TrialTemplate,
+    *,
+    namespace: str,
+    campaign: str,
+    owner: Manifest,
+    experiment_path: str = ".",
+) -> TrialJob:
+    """The Job (and Service) of one trial, owned by OWNER (the Trial's ownerReference)."""
+    name = launch.name
+    labels = {CAMPAIGN_LABEL: campaign, TRIAL_LABEL: name}
+    job_labels = dict(labels)
+    if template.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = template.queue_name
+    multi_node = template.nodes > 1
+
+    pod_spec: Manifest = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # trial code is untrusted
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(launch, template, name, namespace, experiment_path)],
+        "volumes": _volumes(template),
+    }
+    if multi_node:
+        pod_spec["subdomain"] = name  # pods resolve as <job>-<index>.<service>
+    if template.node_selector:
+        pod_spec["nodeSelector"] = dict(template.node_selector)
+    if template.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in template.tolerations
+        ]
+    if template.priority_class_name:
+        pod_spec["priorityClassName"] = template.priority_class_name
+
+    job_spec: Manifest = {
+        "backoffLimit": 0,
+        "activeDeadlineSeconds": int(launch.max_wall_time_seconds),
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if multi_node:
+        job_spec |= {
+            "completionMode": "Indexed",
+            "completions": template.nodes,
+            "parallelism": template.nodes,
+        }
+    if template.queue_name:
+        job_spec["suspend"] = True  # Kueue admits it by unsuspending
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(name, namespace, job_labels, owner),
+        "spec": job_spec,
+    }
+    service = _headless_service(name, namespace, labels, owner) if multi_node else None
+    return TrialJob(job=job, service=service)
+
+
+def _metadata(name: str, namespace: str, labels: dict[str, str], owner: Manifest) -> Manifest:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": labels,
+        "ownerReferences": [owner],
+    }
+
+
+def _container(
+    launch: TrialLaunch, template: TrialTemplate, name: str, namespace: str, experiment_path: str
+) -> Manifest:
+    command = distributed_command(launch.command, template.gpus_per_node, template.nodes)
+    trainer_wall_time = max(launch.max_wall_time_seconds - REPORT_MARGIN_SECONDS, 1)
+    env: list[Manifest] = [
+        _env("SKYLAB_REPO_URL", launch.repo),
+        _env("SKYLAB_COMMIT", launch.commit),
+        _env("SKYLAB_EXPERIMENT_PATH", experiment_path),
+        _env("SKYLAB_COMMAND", command),
+        _env("SKYLAB_TIME_BUDGET", f"{launch.time_budget_seconds:g}"),
+        _env("SKYLAB_MAX_WALL_TIME", f"{trainer_wall_time:g}"),
+        _env("SKYLAB_METRIC_NAME", launch.metric_name),
+        _env("SKYLAB_METRIC_PATTERN", launch.metric_pattern),
+        _env("SKYLAB_TRIAL", name),
+    ]
+    if template.data_volume is not None:
+        env.append(_env("SKYLAB_DATA_DIR", template.data_volume.mount_path))
+    if template.nodes > 1:
+        env += _rendezvous_env(name, namespace, template)
+    env += [_env(key, value) for key, value in launch.env.items()]
+    env += [_env(var.name, var.value) for var in template.env]
+
+    requests: dict[str, str] = {}
+    if template.resources.cpu:
+        requests["cpu"] = template.resources.cpu
+    if template.resources.memory:
+        requests["memory"] = template.resources.memory
+    limits: dict[str, str] = {}
+    if template.gpus_per_node > 0:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(template.gpus_per_node)
+    if template.resources.memory:
+        limits["memory"] = template.resources.memory
+    resources: Manifest = {}
+    if requests:
+        resources["requests"] = requests
+    if limits:
+        resources["limits"] = limits
+
+    mounts: list[Manifest] = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
+    if template.data_volume is not None:
+        mounts.append(
+            {"name": DATA_VOLUME, "mountPath": template.data_volume.mount_path, "readOnly": True}
+        )
+    container: Manifest = {
+        "name": CONTAINER,
+        "image": template.image,
+        "args": ["run"],
+        "env": env,
+        "resources": resources,
+        "volumeMounts": mounts,
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if template.nodes > 1:
+        container["ports"] = [{"name": "rendezvous", "containerPort": MASTER_PORT}]
+    return container
+
+
+def _rendezvous_env(name: str, namespace: str, template: TrialTemplate) -> list[Manifest]:
+    return [
+        _env("PET_NNODES", str(template.nodes)),
+        _env("PET_NPROC_PER_NODE", str(max(template.gpus_per_node, 1))),
+        _env("PET_MASTER_ADDR", f"{name}-0.{name}.{namespace}.svc"),
+        _env("PET_MASTER_PORT", str(MASTER_PORT)),
+        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
+    ]
+
+
+def _volumes(template: TrialTemplate) -> list[Manifest]:
+    volumes: list[Manifest] = [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}]
+    if template.data_volume is not None:
+        claim = {"claimName": template.data_volume.claim_name, "readOnly": True}
+        volumes.append({"name": DATA_VOLUME, "persistentVolumeClaim": claim})
+    return volumes
+
+
+def _headless_service(
+    name: str, namespace: str, labels: dict[str, str], owner: Manifest
+) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name, namespace, labels, owner),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {TRIAL_LABEL: name},
+            "publishNotReadyAddresses": True,  # rank 0 must resolve before it is ready
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT}],
+        },
+    }
+
+
+def _env(name: str, value: str) -> Manifest:
+    return {"name": name, "value": value}

@@ -1,0 +1,156 @@
+"""The CRDs: generated from the models, checked in, structural, and refusing bad input."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from skylab.api.crds import CAMPAIGN, RESOURCES, TRIAL, definition, render, write_crds
+from skylab.api.models import CampaignSpec
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "examples").glob("campaign-*.yaml"))
+
+
+def _schema(resource: Any) -> dict[str, Any]:
+    version = definition(resource)["spec"]["versions"][0]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _errors(resource: Any, manifest: dict[str, Any]) -> list[str]:
+    # OpenAPI 3.0 schemas are draft 4 JSON Schema (boolean exclusiveMinimum) plus
+    # extensions, which draft 4 validators ignore.
+    validator = jsonschema.Draft4Validator(_schema(resource))
+    return [error.message for error in validator.iter_errors(manifest)]
+
+
+@pytest.mark.parametrize("resource", RESOURCES, ids=lambda r: r.kind)
+def test_checked_in_crds_match_the_models(resource: Any) -> None:
+    path = REPO / "crds" / resource.filename
+    assert path.exists(), "run `skylab crds` and commit crds/"
+    assert path.read_text() == render(resource), "crds/ is stale: run `skylab crds`"
+
+
+def test_write_crds_reports_only_changes(tmp_path: Path) -> None:
+    assert len(write_crds(tmp_path)) == len(RESOURCES)
+    assert write_crds(tmp_path) == []
+
+
+def _walk(node: Any, path: str = "") -> Any:
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            yield from _walk(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _walk(value, f"{path}/{index}")
+
+
+@pytest.mark.parametrize("resource", RESOURCES, ids=lambda r: r.kind)
+def test_schemas_are_structural(resource: Any) -> None:
+    schema = _schema(resource)
+    for path, node in _walk(schema):
+        assert not {"$ref", "anyOf", "oneOf", "allOf", "$defs", "const"} & node.keys(), path
+        assert node.get("additionalProperties") is not False, path
+        if path.endswith(("/properties", "/x-kubernetes-validations")) or "/enum" in path:
+            continue
+        if any(key in node for key in ("type", "properties", "items")) or path == "":
+            assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        if "exclusiveMinimum" in node:
+            assert node["exclusiveMinimum"] is True, path
+
+
+def test_crd_shape() -> None:
+    crd = definition(TRIAL)
+    assert crd["metadata"]["name"] == "trials.skylab.dev"
+    names = crd["spec"]["names"]
+    assert names["categories"] == ["skylab"] and names["shortNames"]
+    (version,) = crd["spec"]["versions"]
+    assert version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Campaign", "Phase", "Metric", "Decision", "Description", "Age"]
+    campaign_columns = definition(CAMPAIGN)["spec"]["versions"][0]["additionalPrinterColumns"]
+    assert [c["name"] for c in campaign_columns] == ["Phase", "Trials", "Best", "Strategy", "Age"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_validate(path: Path) -> None:
+    manifest = yaml.safe_load(path.read_text())
+    assert _errors(CAMPAIGN, manifest) == []
+    CampaignSpec.model_validate(manifest["spec"])  # the operator's own reading
+
+
+def _good() -> dict[str, Any]:
+    manifest: dict[str, Any] = yaml.safe_load((REPO / "examples/campaign-sweep.yaml").read_text())
+    return manifest
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    manifest = copy.deepcopy(_good())
+    *parents, last = path.split(".")
+    node = manifest
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return manifest
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("spec.trialTemplate.image", _DELETE),
+        ("spec.strategy.type", "bayes"),
+        ("spec.parallelism", 0),
+        ("spec.budget.wallClock", "8 hours"),
+        ("spec.budget.maxTrials", 0),
+        ("spec.trialTemplate.gpusPerNode", -1),
+        ("spec.trialTemplate.timeBudgetSeconds", 0),
+        ("spec.metric", {"name": "val_bpb", "direction": "down", "pattern": "x"}),
+        ("spec.experiment.bundled", "Not_A_Name"),
+        ("spec.strategy.sweep.parameters", {}),
+        ("spec.suspend", "yes"),
+    ],
+)
+def test_schema_refuses_bad_campaigns(path: str, value: Any) -> None:
+    assert _errors(CAMPAIGN, _with(path, value)), f"{path}={value!r} was accepted"
+
+
+def _rules_at(schema: dict[str, Any], *keys: str) -> list[str]:
+    node = schema
+    for key in keys:
+        node = node["properties"][key]
+    return [rule["rule"] for rule in node.get("x-kubernetes-validations", [])]
+
+
+def test_cross_field_rules_are_cel() -> None:
+    spec = _schema(CAMPAIGN)["properties"]["spec"]
+    assert "has(self.bundled) != has(self.git)" in _rules_at(spec, "experiment")
+    assert "self.type != 'llm' || has(self.llm)" in _rules_at(spec, "strategy")
+    assert any("maxWallTimeSeconds" in rule for rule in _rules_at(spec, "trialTemplate"))
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("spec.experiment.git", {"url": "https://example.com/x.git"}, "exactly one of bundled"),
+        ("spec.experiment.bundled", _DELETE, "exactly one of bundled"),
+        ("spec.strategy.type", "llm", "strategy llm needs strategy.llm"),
+        ("spec.trialTemplate.maxWallTimeSeconds", 300, "greater than timeBudgetSeconds"),
+        ("spec.strategy.sweep.parameters", {"LR": {"values": [1], "range": [1, 2]}}, "exactly one"),
+    ],
+)
+def test_operator_checks_the_cel_rules_itself(path: str, value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CampaignSpec.model_validate(_with(path, value)["spec"])
