@@ -93,7 +93,8 @@ def _convert(node: JsonSchema, definitions: dict[str, JsonSchema]) -> JsonSchema
         if len(options) == 1:
             return _convert({**options[0], **rest}, definitions)
         # A union of scalar types (a sweep value): any value, checked by the operator.
-        return {**_annotations(rest), **ANY_VALUE}
+        described = {"description": rest["description"]} if "description" in rest else {}
+        return {**described, **ANY_VALUE}
     out: JsonSchema = {}
     for key, value in node.items():
         if key in ("title", "$defs") or (key == "additionalProperties" and value is False):
@@ -115,10 +116,6 @@ def _convert(node: JsonSchema, definitions: dict[str, JsonSchema]) -> JsonSchema
     if "enum" in out and "type" not in out:
         out["type"] = "string"
     return out
-
-
-def _annotations(node: JsonSchema) -> JsonSchema:
-    return {k: v for k, v in node.items() if k in ("description",)}
 
 
 def definition(resource: Resource) -> JsonSchema:
