@@ -18,6 +18,7 @@ from skylab.engine import (
     best_kept,
     decide,
     next_action,
+    plan,
 )
 
 MIN = Objective("minimize")
@@ -176,3 +177,46 @@ def test_goes_on_below_the_limits(trials: list[TrialView], limits: Limits, elaps
     assert isinstance(action, Propose)
     assert action.number == trials[-1].number + 1
     assert action.parent_commit == "c1"
+
+
+# Several trials at once (the operator's parallelism)
+
+
+def test_plan_fills_the_free_slots_from_the_best_kept_trial() -> None:
+    trials = [*_baseline_then("success"), _trial(3, "running")]
+    actions = plan(trials, Limits(), MIN, 0.0, parallelism=3)
+    assert actions == [Propose("c1", 4), Propose("c1", 5)]
+
+
+def test_plan_runs_the_baseline_alone() -> None:
+    assert plan([], Limits(), MIN, 0.0, parallelism=4) == [StartBaseline(1)]
+    running = [_trial(1, "running", baseline=True)]
+    assert plan(running, Limits(), MIN, 0.0, parallelism=4) == []
+
+
+def test_plan_counts_running_trials_toward_max_trials() -> None:
+    trials = [*_baseline_then("success"), _trial(3, "running")]
+    assert plan(trials, Limits(max_trials=4), MIN, 0.0, parallelism=3) == [Propose("c1", 4)]
+    # the limit is reached: wait for the running trial, then stop
+    assert plan(trials, Limits(max_trials=3), MIN, 0.0, parallelism=3) == []
+    done = [*_baseline_then("success", "success")]
+    stop = plan(done, Limits(max_trials=3), MIN, 0.0, parallelism=3)
+    assert isinstance(stop, Stop) and stop.reason is StopReason.MAX_TRIALS
+
+
+@pytest.mark.parametrize(
+    ("limits", "elapsed", "exhausted"),
+    [
+        (Limits(budget_seconds=60), 61.0, False),
+        (Limits(max_consecutive_failures=2), 0.0, False),
+        (Limits(), 0.0, True),
+    ],
+)
+def test_plan_waits_for_running_trials_before_it_stops(
+    limits: Limits, elapsed: float, exhausted: bool
+) -> None:
+    trials = [*_baseline_then("crash", "crash"), _trial(4, "running")]
+    assert plan(trials, limits, MIN, elapsed, parallelism=2, strategy_exhausted=exhausted) == []
+    finished = [*trials[:-1], _trial(4, "crash")]
+    stop = plan(finished, limits, MIN, elapsed, parallelism=2, strategy_exhausted=exhausted)
+    assert isinstance(stop, Stop)

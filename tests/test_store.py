@@ -168,7 +168,25 @@ def test_campaign_status_stamps_the_end(store: Store) -> None:
         store.set_campaign_status(campaign.id + 100, "failed")
 
 
+def test_a_renamed_campaign_frees_its_name(store: Store) -> None:
+    old = _campaign(store, "default/demo")
+    renamed = store.rename_campaign(old.id, "default/demo@1234abcd")
+    assert (renamed.id, renamed.name) == (old.id, "default/demo@1234abcd")
+    assert store.get_campaign("default/demo") is None
+    assert _campaign(store, "default/demo").id != old.id
+    with pytest.raises(LookupError):
+        store.rename_campaign(old.id + 100, "x")
+
+
 # Trials
+
+
+def test_a_trial_is_found_by_its_number(store: Store) -> None:
+    campaign = _campaign(store)
+    trial_id = _start(store, campaign.id, 3)
+    found = store.get_trial(campaign.id, 3)
+    assert found is not None and (found.id, found.number) == (trial_id, 3)
+    assert store.get_trial(campaign.id, 4) is None
 
 
 def test_a_trial_round_trips_every_field(store: Store, database_url: str) -> None:

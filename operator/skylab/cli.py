@@ -16,6 +16,7 @@ from typing import NoReturn
 from skylab import __version__, history
 from skylab.config import load_experiment
 from skylab.console import Console
+from skylab.durations import parse_duration
 from skylab.errors import UserError
 from skylab.experiments import resolve_experiment
 from skylab.home import Home
@@ -26,8 +27,6 @@ from skylab.store.db import Store
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-_DURATION = re.compile(r"(?P<value>\d+(?:\.\d+)?)(?P<unit>[smhd]?)")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,7 +92,11 @@ def _parser() -> argparse.ArgumentParser:
 
     hist = commands.add_parser("history", help="show a campaign's trials")
     common(hist)
-    hist.add_argument("--tag", type=_tag, help="campaign name (default: the latest)")
+    hist.add_argument(
+        "--tag",
+        type=_campaign,
+        help="campaign name, NAMESPACE/NAME for an operator's (default: the latest)",
+    )
     hist.add_argument("--best", action="store_true", help="show only the best kept trial")
     hist.add_argument(
         "--export", type=Path, metavar="RESULTS_TSV", help="write autoresearch's results.tsv"
@@ -104,10 +107,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     hist.set_defaults(handler=_history)
 
+    op = commands.add_parser("operator", help="run the Kubernetes operator (in a cluster)")
+    op.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable; default: all namespaces)",
+    )
+    op.add_argument(
+        "--peering", help="kopf peering name: replicas with the same one stand by for each other"
+    )
+    op.set_defaults(handler=_operator)
+
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions")
     crds.add_argument("--output", type=Path, default=Path("crds"), help="directory (crds/)")
     crds.set_defaults(handler=_crds)
     return parser
+
+
+def _operator(args: argparse.Namespace) -> int:
+    # Imported here: kopf and the kubernetes client belong to the operator extra.
+    from skylab.controller.main import run_operator
+    from skylab.controller.settings import OperatorSettings
+
+    run_operator(OperatorSettings.from_env(), args.namespace, args.peering)
+    return 0
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -200,10 +224,10 @@ def _positive_int(text: str) -> int:
 
 
 def _duration(text: str) -> float:
-    match = _DURATION.fullmatch(text.strip())
-    if not match or float(match["value"]) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90m, 8h or 3600s")
-    return float(match["value"]) * _UNIT_SECONDS[match["unit"]]
+    seconds = parse_duration(text)
+    if seconds is None or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90m, 8h or 1h30m")
+    return seconds
 
 
 def _tag(text: str) -> str:
@@ -211,6 +235,14 @@ def _tag(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r}: use lowercase letters, digits and '-' (at most 50 characters)"
         )
+    return text
+
+
+def _campaign(text: str) -> str:
+    namespace, _, name = text.rpartition("/")
+    if namespace:
+        _tag(namespace)
+    _tag(name)
     return text
 
 

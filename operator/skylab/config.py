@@ -169,7 +169,7 @@ def load_experiment(root: Path, profile: str | None = None) -> ExperimentConfig:
         config = ExperimentConfig.model_validate({**raw, "root": root, "profile": profile})
     except ValidationError as exc:
         raise UserError(f"{path}: {_first_error(exc)}") from exc
-    _check_files(config, path)
+    check_files(config, path)
     return config
 
 
@@ -194,7 +194,7 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {message}"
 
 
-def _check_files(config: ExperimentConfig, path: Path) -> None:
+def check_files(config: ExperimentConfig, path: Path) -> None:
     for name in config.tracked_files:
         relative = Path(name)
         if relative.is_absolute() or ".." in relative.parts:

@@ -132,35 +132,72 @@ def next_action(
     elapsed_seconds: float,
     strategy_exhausted: bool = False,
 ) -> Action:
-    """What to do next, given every trial recorded so far (in number order)."""
+    """What to do next, one trial at a time, with no trial running."""
+    actions = plan(
+        trials, limits, objective, elapsed_seconds, strategy_exhausted=strategy_exhausted
+    )
+    if isinstance(actions, Stop):
+        return actions
+    if not actions:
+        raise ValueError("next_action: a trial is still running")
+    return actions[0]
+
+
+def plan(
+    trials: Sequence[TrialView],
+    limits: Limits,
+    objective: Objective,
+    elapsed_seconds: float,
+    *,
+    parallelism: int = 1,
+    strategy_exhausted: bool = False,
+) -> Stop | list[StartBaseline | Propose]:
+    """The trials to start now (none: wait for a running one), or why the campaign ends.
+
+    TRIALS is every trial recorded so far, running ones included. A campaign only
+    stops once nothing runs: the running trials' outcomes are part of its result.
+    """
+    running = [t for t in trials if t.status == "running"]
     settled = [t for t in trials if t.status not in ("running", "killed")]
-    if limits.max_trials is not None and len(settled) >= limits.max_trials:
-        return Stop(StopReason.MAX_TRIALS, f"ran the maximum of {limits.max_trials} trials")
+    number = max((t.number for t in trials), default=0) + 1
+
+    def stop_or_wait(reason: StopReason, message: str) -> Stop | list[StartBaseline | Propose]:
+        return [] if running else Stop(reason, message)
+
+    if limits.max_trials is not None and len(settled) + len(running) >= limits.max_trials:
+        return stop_or_wait(StopReason.MAX_TRIALS, f"ran the maximum of {limits.max_trials} trials")
     if limits.budget_seconds is not None and elapsed_seconds >= limits.budget_seconds:
         spent = _duration(limits.budget_seconds)
-        return Stop(StopReason.BUDGET_SPENT, f"the wall-clock budget of {spent} is spent")
+        return stop_or_wait(StopReason.BUDGET_SPENT, f"the wall-clock budget of {spent} is spent")
 
-    number = max((t.number for t in trials), default=0) + 1
+    # Every later trial is measured against the baseline: it runs alone, first.
+    if any(t.is_baseline for t in running):
+        return []
     baseline = next((t for t in settled if t.is_baseline), None)
     if baseline is None:
-        return StartBaseline(number=number)
+        return [] if running else [StartBaseline(number=number)]
     if baseline.status != "success" or not baseline.kept:
-        return Stop(
+        return stop_or_wait(
             StopReason.BASELINE_FAILED,
             f"the baseline trial ended as {baseline.status}: fix the experiment and rerun",
         )
 
     streak = _failure_streak(settled)
     if streak >= limits.max_consecutive_failures:
-        return Stop(
+        return stop_or_wait(
             StopReason.CONSECUTIVE_FAILURES,
             f"{streak} consecutive trials failed (limit {limits.max_consecutive_failures})",
         )
     if strategy_exhausted:
-        return Stop(StopReason.STRATEGY_EXHAUSTED, "the strategy has nothing left to propose")
+        return stop_or_wait(
+            StopReason.STRATEGY_EXHAUSTED, "the strategy has nothing left to propose"
+        )
 
+    slots = parallelism - len(running)
+    if limits.max_trials is not None:
+        slots = min(slots, limits.max_trials - len(settled) - len(running))
     parent = best_kept(settled, objective) or baseline
-    return Propose(parent_commit=parent.commit, number=number)
+    return [Propose(parent_commit=parent.commit, number=number + i) for i in range(slots)]
 
 
 def _failure_streak(settled: Sequence[TrialView]) -> int:

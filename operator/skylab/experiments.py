@@ -1,12 +1,13 @@
-"""Finding an experiment directory by path or by name."""
+"""Finding an experiment directory by path or by name, and its baseline files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import skylab
-from skylab.config import CONFIG_FILE
+from skylab.config import CONFIG_FILE, ExperimentConfig
 from skylab.errors import UserError
+from skylab.strategies.constants import rewrite_constants
 
 DEFAULT_EXPERIMENT = "gpt-pretrain"
 
@@ -38,3 +39,14 @@ def resolve_experiment(spec: str | None) -> Path:
         f"unknown experiment {spec!r}: not a directory with {CONFIG_FILE}, "
         f"nor one of: {', '.join(known) or 'none found'}"
     )
+
+
+def baseline_files(config: ExperimentConfig) -> dict[str, str]:
+    """The experiment's files as a campaign's baseline commit holds them, profile applied."""
+    names = [*config.tracked_files, CONFIG_FILE]
+    if (config.root / "program.md").is_file():
+        names.append("program.md")
+    files = {name: (config.root / name).read_text() for name in names}
+    for name, values in config.constants.items():
+        files[name] = rewrite_constants(files[name], values)
+    return files

@@ -1,9 +1,11 @@
 """Campaign repositories served read-only over git's smart HTTP protocol.
 
 In a cluster the trainer pods fetch their trial commit from the operator:
-`GET /git/<campaign>.git/info/refs?service=git-upload-pack` and
-`POST /git/<campaign>.git/git-upload-pack`, answered by `git http-backend` (CGI).
-Nothing else is served: no push, no dumb-protocol file access, no path outside ROOT.
+`GET /git/<repo>.git/info/refs?service=git-upload-pack` and
+`POST /git/<repo>.git/git-upload-pack`, answered by `git http-backend` (CGI), where
+<repo> is `<campaign>` or `<namespace>/<campaign>`. Nothing else of git is served: no
+push, no dumb-protocol file access, no path outside ROOT. The same server answers the
+operator's plain GET endpoints (health, metrics) given as `routes`.
 """
 
 from __future__ import annotations
@@ -12,22 +14,33 @@ import os
 import re
 import subprocess
 import threading
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
 PREFIX = "/git/"
-# <name>.git/info/refs (with ?service=git-upload-pack) or <name>.git/git-upload-pack
-_ROUTE = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.git/(info/refs|git-upload-pack)")
+_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+# <repo>.git/info/refs (with ?service=git-upload-pack) or <repo>.git/git-upload-pack
+_ROUTE = re.compile(rf"((?:{_LABEL}/)?{_LABEL})\.git/(info/refs|git-upload-pack)")
 _UPLOAD_PACK = "service=git-upload-pack"
+
+# A plain GET endpoint: returns (status, content type, body).
+Route = Callable[[], tuple[int, str, bytes]]
 
 
 class GitServer:
-    """A threaded HTTP server for the bare repositories `ROOT/<name>.git`."""
+    """A threaded HTTP server for the bare repositories `ROOT/<repo>.git`."""
 
-    def __init__(self, root: Path, host: str = "0.0.0.0", port: int = 8080) -> None:
+    def __init__(
+        self,
+        root: Path,
+        host: str = "0.0.0.0",
+        port: int = 8080,
+        routes: Mapping[str, Route] | None = None,
+    ) -> None:
         self.root = root.resolve()
-        handler = type("Handler", (_GitHandler,), {"root": self.root})
+        handler = type("Handler", (_GitHandler,), {"root": self.root, "routes": dict(routes or {})})
         self._server = ThreadingHTTPServer((host, port), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -50,10 +63,20 @@ class GitServer:
 
 class _GitHandler(BaseHTTPRequestHandler):
     root: Path
+    routes: dict[str, Route]
     protocol_version = "HTTP/1.0"  # one request per connection: nothing to keep alive
 
     def do_GET(self) -> None:
-        self._serve("GET")
+        route = self.routes.get(urlsplit(self.path).path)
+        if route is None:
+            self._serve("GET")
+            return
+        status, content_type, body = route()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def do_POST(self) -> None:
         self._serve("POST")
@@ -67,7 +90,7 @@ class _GitHandler(BaseHTTPRequestHandler):
         if not url.path.startswith(PREFIX) or match is None:
             self.send_error(404, "not a campaign repository")
             return
-        name, route = match.group(1), match.group(3)
+        name, route = match.group(1), match.group(2)
         if (route, method) not in (("info/refs", "GET"), ("git-upload-pack", "POST")):
             self.send_error(405, "read-only: fetch only")
             return

@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from skylab import engine
-from skylab.config import CONFIG_FILE, ExperimentConfig
+from skylab.config import ExperimentConfig
 from skylab.console import Console
 from skylab.errors import UserError
 from skylab.executors.base import TrialInterrupted, TrialLaunch
 from skylab.executors.local import LocalExecutor
+from skylab.experiments import baseline_files
 from skylab.home import Home
 from skylab.store import open_database
 from skylab.store.db import CampaignRecord, CampaignStatus, Store, TrialRecord
 from skylab.strategies import build_strategy
-from skylab.strategies.base import PastTrial, Proposal, ProposalContext, Strategy
-from skylab.strategies.constants import rewrite_constants
+from skylab.strategies.base import Proposal, ProposalContext, Strategy
 from skylab.workspace import Workspace
 from skylab_trainer.progress import Progress, parse_progress
 from skylab_trainer.report import TrialReport, TrialStatus
@@ -103,7 +103,7 @@ def _open_campaign(store: Store, request: RunRequest, strategy: str) -> Campaign
     workspace_dir = request.home.workspace(name)
     # A workspace without a campaign row is left from a start that died half way.
     shutil.rmtree(workspace_dir, ignore_errors=True)
-    _, baseline = Workspace.create(workspace_dir, name, _baseline_files(config))
+    _, baseline = Workspace.create(workspace_dir, name, baseline_files(config))
     settings: dict[str, Any] = {
         "experiment_root": str(config.root),
         "baseline_commit": baseline,
@@ -120,17 +120,6 @@ def _open_campaign(store: Store, request: RunRequest, strategy: str) -> Campaign
         branch=f"skylab/{name}",
         config=settings,
     )
-
-
-def _baseline_files(config: ExperimentConfig) -> dict[str, str]:
-    """The experiment's files as the baseline commit holds them, profile applied."""
-    names = [*config.tracked_files, CONFIG_FILE]
-    if (config.root / "program.md").is_file():
-        names.append("program.md")
-    files = {name: (config.root / name).read_text() for name in names}
-    for name, values in config.constants.items():
-        files[name] = rewrite_constants(files[name], values)
-    return files
 
 
 class _Loop:
@@ -183,7 +172,7 @@ class _Loop:
             while True:
                 trials = self.store.trials(self.campaign.id)
                 action = engine.next_action(
-                    [_view(t) for t in trials],
+                    [t.view() for t in trials],
                     self.limits,
                     self.objective,
                     _elapsed(trials),
@@ -242,7 +231,7 @@ class _Loop:
 
     def _decide(self, trial: TrialRecord, report: TrialReport) -> None:
         best = engine.best_kept(
-            [_view(t) for t in self.store.trials(self.campaign.id)], self.objective
+            [t.view() for t in self.store.trials(self.campaign.id)], self.objective
         )
         outcome = engine.Outcome(str(report.status), report.metric, report.peak_vram_mb)
         decision = engine.decide(
@@ -278,8 +267,8 @@ class _Loop:
         )
 
     def _context(self, action: engine.Propose, trials: list[TrialRecord]) -> ProposalContext:
-        past = [_past(t) for t in trials if t.status != "running"]
-        best = engine.best_kept([_view(t) for t in trials], self.objective)
+        past = [t.past() for t in trials if t.status != "running"]
+        best = engine.best_kept([t.view() for t in trials], self.objective)
         best_past = next((p for p in past if best and p.number == best.number), None)
         return ProposalContext(
             experiment=self.config,
@@ -292,7 +281,7 @@ class _Loop:
     def _reconcile_branch(self) -> None:
         """The branch follows the database: repair it if skylab died between the two."""
         best = engine.best_kept(
-            [_view(t) for t in self.store.trials(self.campaign.id)], self.objective
+            [t.view() for t in self.store.trials(self.campaign.id)], self.objective
         )
         self.workspace.advance(best.commit if best else self.baseline_commit)
 
@@ -330,29 +319,6 @@ class _ProgressRecorder:
             self.store.add_progress(self.trial_id, self.pending)
             self.pending = []
         self.last_flush = time.monotonic()
-
-
-def _view(trial: TrialRecord) -> engine.TrialView:
-    return engine.TrialView(
-        number=trial.number,
-        status=trial.status,
-        is_baseline=trial.is_baseline,
-        commit=trial.commit,
-        metric=trial.metric,
-        kept=trial.kept,
-    )
-
-
-def _past(trial: TrialRecord) -> PastTrial:
-    return PastTrial(
-        number=trial.number,
-        status=trial.status,
-        kept=trial.kept,
-        metric=trial.metric,
-        description=trial.description,
-        params=trial.params or {},
-        strategy=trial.strategy,
-    )
 
 
 def _elapsed(trials: list[TrialRecord]) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 # A fetch that hangs (an unreachable server) must not eat the trial's wall time.
@@ -18,17 +19,20 @@ class FetchError(Exception):
         self.output = output
 
 
-def fetch_commit(repo: str, commit: str, dest: Path) -> None:
-    """Make `dest` a detached checkout of `commit` fetched from `repo`.
+def fetch_commit(repo: str, commit: str, dest: Path, git_config: Sequence[str] = ()) -> None:
+    """Make `dest` a detached checkout of `commit` (or a branch or tag) fetched from `repo`.
 
     Fetching a bare SHA needs the server to allow it (uploadpack.allowAnySHA1InWant);
     the campaign workspace sets that, so no branch or tag has to point at the commit.
+    GIT_CONFIG holds `key=value` settings for the fetch (credentials as an HTTP
+    header, so that they never appear in a URL or an error message).
     """
     dest.mkdir(parents=True, exist_ok=True)
     source = _absolute_if_local(repo)
+    options = [arg for setting in git_config for arg in ("-c", setting)]
     _git("init", "-q", str(dest))
-    _git("-C", str(dest), "fetch", "--depth=1", "--no-tags", "-q", source, commit)
-    _git("-C", str(dest), "checkout", "-q", "--detach", "--force", commit)
+    _git(*options, "-C", str(dest), "fetch", "--depth=1", "--no-tags", "-q", source, commit)
+    _git("-C", str(dest), "checkout", "-q", "--detach", "--force", "FETCH_HEAD")
 
 
 def _absolute_if_local(repo: str) -> str:
@@ -62,5 +66,8 @@ def _git(*args: str) -> None:
 
 
 def _verb(args: tuple[str, ...]) -> str:
-    """The git subcommand, past any `-C dir` prefix."""
-    return args[2] if args[0] == "-C" else args[0]
+    """The git subcommand, past any `-c key=value` and `-C dir` options."""
+    index = 0
+    while args[index] in ("-c", "-C"):
+        index += 2
+    return args[index]

@@ -20,10 +20,10 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from skylab.engine import Status
+from skylab.engine import Status, TrialView
 from skylab.errors import UserError
 from skylab.store.migrate import migrate
-from skylab.strategies.base import Usage
+from skylab.strategies.base import PastTrial, Usage
 from skylab_trainer.progress import Progress
 from skylab_trainer.report import TrialReport
 
@@ -85,6 +85,29 @@ class TrialRecord:
     started_at: datetime
     finished_at: datetime | None
 
+    def view(self) -> TrialView:
+        """The trial as the engine sees it."""
+        return TrialView(
+            number=self.number,
+            status=self.status,
+            is_baseline=self.is_baseline,
+            commit=self.commit,
+            metric=self.metric,
+            kept=self.kept,
+        )
+
+    def past(self) -> PastTrial:
+        """The trial as strategies see it."""
+        return PastTrial(
+            number=self.number,
+            status=self.status,
+            kept=self.kept,
+            metric=self.metric,
+            description=self.description,
+            params=self.params,
+            strategy=self.strategy,
+        )
+
 
 def _columns(names: Sequence[str]) -> sql.Composable:
     return sql.SQL(", ").join(sql.Identifier(name) for name in names)
@@ -101,11 +124,15 @@ class Store:
         self._conn = conn
 
     @classmethod
-    def connect(cls, url: str) -> Store:
-        """Connect to URL (a URI or conninfo string) and bring its schema up to date."""
+    def connect(cls, url: str, *, migrated: bool = False) -> Store:
+        """Connect to URL (a URI or conninfo string) and bring its schema up to date.
+
+        MIGRATED: another connection of this process already did.
+        """
         conn = psycopg.connect(url, autocommit=False)
         try:
-            migrate(conn)
+            if not migrated:
+                migrate(conn)
         except BaseException:
             conn.close()
             raise
@@ -113,6 +140,11 @@ class Store:
 
     def close(self) -> None:
         self._conn.close()
+
+    def ping(self) -> None:
+        """Raise unless the database answers."""
+        with self._transaction() as cursor:
+            cursor.execute("SELECT 1")
 
     def __enter__(self) -> Store:
         return self
@@ -185,6 +217,17 @@ class Store:
         params = {"status": status, "stop_reason": stop_reason, "id": campaign_id}
         with self._transaction() as cursor:
             row = cursor.execute(query, params).fetchone()
+            if row is None:
+                raise LookupError(f"no campaign with id {campaign_id}")
+        return CampaignRecord(**row)
+
+    def rename_campaign(self, campaign_id: int, name: str) -> CampaignRecord:
+        """Give the campaign another name (a deleted Campaign frees its name this way)."""
+        query = sql.SQL(
+            "UPDATE campaigns SET name = %s, updated_at = now() WHERE id = %s RETURNING {}"
+        ).format(_CAMPAIGN)
+        with self._transaction() as cursor:
+            row = cursor.execute(query, (name, campaign_id)).fetchone()
             if row is None:
                 raise LookupError(f"no campaign with id {campaign_id}")
         return CampaignRecord(**row)
@@ -290,6 +333,14 @@ class Store:
         )
         with self._transaction() as cursor:
             return [_trial(row) for row in cursor.execute(query, (campaign_id,))]
+
+    def get_trial(self, campaign_id: int, number: int) -> TrialRecord | None:
+        query = sql.SQL("SELECT {} FROM trials WHERE campaign_id = %s AND number = %s").format(
+            _TRIAL
+        )
+        with self._transaction() as cursor:
+            row = cursor.execute(query, (campaign_id, number)).fetchone()
+        return None if row is None else _trial(row)
 
     def best_trial(self, campaign_id: int, direction: Direction) -> TrialRecord | None:
         """The kept trial with the best metric; the earliest wins a tie.

@@ -1,0 +1,1 @@
+"""The Kubernetes operator: Campaigns and Trials reconciled by kopf handlers."""

@@ -1,0 +1,405 @@
+"""Reconciling a Campaign: set it up, repair its records, start trials, publish its status.
+
+Level-triggered: every call reads the Campaign, its Trials and its PostgreSQL rows
+afresh and acts on what it finds, so it can be repeated at any time (an event, a
+timer, a restart) without doing anything twice. Trial names are deterministic
+(<campaign>-NNNN) and creating one that exists returns the existing one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from skylab import engine
+from skylab.api.models import (
+    API_VERSION,
+    CampaignPhase,
+    Condition,
+    TrialCounts,
+    TrialResult,
+    TrialSpec,
+)
+from skylab.controller.context import (
+    CampaignContext,
+    CampaignOpener,
+    KeyedLocks,
+    database_name,
+)
+from skylab.controller.events import post
+from skylab.controller.kubeapi import KubeApi, Manifest
+from skylab.controller.metrics import Metrics
+from skylab.controller.sources import CampaignSetupError
+from skylab.executors.kubernetes import CAMPAIGN_LABEL, TRIAL_LABEL
+from skylab.store import Store
+from skylab.store.db import CampaignStatus as RecordStatus
+from skylab.store.db import TrialRecord
+from skylab.strategies.base import Proposal, ProposalContext, Usage
+from skylab_trainer.report import TrialReport, TrialStatus
+
+# The proposal behind a Trial (sweep point, rationale, LLM usage), kept on the Trial
+# so that a restart between creating it and recording it loses nothing.
+PROPOSAL_ANNOTATION = "skylab.dev/proposal"
+MAX_RATIONALE_CHARS = 4000
+TERMINAL = (CampaignPhase.SUCCEEDED, CampaignPhase.FAILED)
+_FAILURE_STOPS = {engine.StopReason.CONSECUTIVE_FAILURES, engine.StopReason.BASELINE_FAILED}
+Clock = Callable[[], datetime]
+_RECORD_STATUS: dict[CampaignPhase, RecordStatus] = {
+    CampaignPhase.RUNNING: "running",
+    CampaignPhase.SUSPENDED: "stopped",
+    CampaignPhase.SUCCEEDED: "succeeded",
+    CampaignPhase.FAILED: "failed",
+}
+
+
+def trial_name(campaign: str, number: int) -> str:
+    return f"{campaign}-{number:04d}"
+
+
+def timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_timestamp(text: str | None) -> datetime | None:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if text else None
+
+
+def owner_reference(body: Manifest) -> Manifest:
+    meta = body["metadata"]
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+class CampaignController:
+    def __init__(
+        self,
+        api: KubeApi,
+        opener: CampaignOpener,
+        locks: KeyedLocks,
+        metrics: Metrics,
+        clock: Clock = lambda: datetime.now(UTC),
+    ) -> None:
+        self.api = api
+        self.opener = opener
+        self.locks = locks
+        self.metrics = metrics
+        self.clock = clock
+
+    def reconcile(self, namespace: str, name: str) -> None:
+        with self.locks.hold(namespace, name):
+            body = self.api.get_campaign(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            status = body.get("status") or {}
+            done = status.get("phase") in TERMINAL
+            if done and status.get("observedGeneration") == body["metadata"].get("generation"):
+                return
+            try:
+                context = self.opener.open(body)
+            except CampaignSetupError as exc:
+                self._fail_setup(body, exc)
+                return
+            self.advance(body, context)
+
+    def delete(self, namespace: str, name: str, uid: str) -> None:
+        """The Campaign is being deleted: its record says so and frees the name."""
+        with self.locks.hold(namespace, name):
+            store = self.opener.stores.get()
+            record = store.get_campaign(database_name(namespace, name))
+            if record is not None and record.config.get("uid") == uid:
+                store.mark_running_trials_killed(record.id, "the Campaign was deleted")
+                store.set_campaign_status(record.id, "stopped", "the Campaign was deleted")
+                store.rename_campaign(record.id, f"{record.name}@{uid[:8]}")
+            self.opener.remove_workspace(namespace, name)
+            self.metrics.forget("Campaign", namespace, name)
+
+    def ensure_row(self, context: CampaignContext, store: Store, trial: Manifest) -> TrialRecord:
+        """The PostgreSQL row of TRIAL, written from the Trial itself when missing."""
+        spec = TrialSpec.model_validate(trial["spec"])
+        row = store.get_trial(context.record.id, spec.number)
+        if row is not None:
+            return row
+        annotations = trial["metadata"].get("annotations") or {}
+        proposal: dict[str, Any] = json.loads(annotations.get(PROPOSAL_ANNOTATION) or "{}")
+        parent = spec.parent_commit
+        return store.start_trial(
+            context.record.id,
+            spec.number,
+            is_baseline=parent is None,
+            commit=spec.commit,
+            parent_commit=parent,
+            strategy=spec.strategy,
+            description=spec.description,
+            rationale=proposal.get("rationale", ""),
+            diff="" if parent is None else context.workspace.diff(parent, spec.commit),
+            params=proposal.get("params") or {},
+            usage=Usage(**(proposal.get("usage") or {})),
+        )
+
+    def advance(self, body: Manifest, context: CampaignContext) -> None:
+        """Reconcile the Campaign BODY, opened as CONTEXT, with its lock held."""
+        store = self.opener.stores.get()
+        self._repair(context, store)
+        status = body.get("status") or {}
+        now = self.clock()
+        started = parse_timestamp(status.get("startTime")) or now
+        outcome: engine.Stop | None = None
+        if not context.spec.suspend:
+            outcome = self._start_trials(body, context, store, (now - started).total_seconds())
+        self._publish(body, context, store, started, outcome)
+
+    def _repair(self, context: CampaignContext, store: Store) -> None:
+        """Rows for Trials that have none; a running row whose Trial is gone is killed."""
+        trials = [
+            trial
+            for trial in self.api.list_trials(context.namespace, context.name, CAMPAIGN_LABEL)
+            if any(
+                ref.get("uid") == context.uid
+                for ref in trial["metadata"].get("ownerReferences") or []
+            )
+        ]
+        for trial in trials:
+            self.ensure_row(context, store, trial)
+        names = {trial["metadata"]["name"] for trial in trials}
+        for row in store.trials(context.record.id):
+            if row.status == "running" and trial_name(context.name, row.number) not in names:
+                report = TrialReport(
+                    TrialStatus.KILLED,
+                    context.config.search.metric,
+                    message="the Trial was deleted before it finished",
+                )
+                store.finish_trial(row.id, report, kept=False, decision_reason="killed")
+
+    # The steps of one reconcile
+
+    def _start_trials(
+        self, body: Manifest, context: CampaignContext, store: Store, elapsed: float
+    ) -> engine.Stop | None:
+        """Start trials until the engine says wait (None) or stop."""
+        exhausted = False
+        while True:
+            rows = store.trials(context.record.id)
+            actions = engine.plan(
+                [row.view() for row in rows],
+                context.limits,
+                context.objective,
+                elapsed,
+                parallelism=context.spec.parallelism,
+                strategy_exhausted=exhausted,
+            )
+            if isinstance(actions, engine.Stop):
+                return actions
+            if not actions:
+                return None
+            action = actions[0]
+            if isinstance(action, engine.StartBaseline):
+                baseline = context.record.config["baseline_commit"]
+                context.workspace.mark_baseline(action.number, baseline)
+                proposal = Proposal(description="baseline", edits=())
+                self._create_trial(body, context, store, action.number, baseline, None, proposal)
+                continue
+            found = context.strategy.propose(self._proposal_context(context, rows, action))
+            if found is None:
+                exhausted = True
+                continue
+            commit = context.workspace.commit_trial(
+                action.number, action.parent_commit, found.edits, found.description
+            )
+            parent = action.parent_commit
+            self._create_trial(body, context, store, action.number, commit, parent, found)
+
+    def _proposal_context(
+        self, context: CampaignContext, rows: list[TrialRecord], action: engine.Propose
+    ) -> ProposalContext:
+        # Running trials are part of the history: parallel proposals must differ.
+        past = [row.past() for row in rows]
+        best = engine.best_kept([row.view() for row in rows], context.objective)
+        parent = action.parent_commit
+        return ProposalContext(
+            experiment=context.config,
+            parent_commit=parent,
+            read_file=lambda path: context.workspace.read_file(parent, path),
+            history=past,
+            best=next((p for p in past if best is not None and p.number == best.number), None),
+        )
+
+    def _create_trial(
+        self,
+        campaign: Manifest,
+        context: CampaignContext,
+        store: Store,
+        number: int,
+        commit: str,
+        parent: str | None,
+        proposal: Proposal,
+    ) -> None:
+        name = trial_name(context.name, number)
+        recorded = {
+            "params": dict(proposal.params),
+            "rationale": proposal.rationale[:MAX_RATIONALE_CHARS],
+            "usage": asdict(proposal.usage),
+        }
+        spec = TrialSpec(
+            campaign=context.name,
+            number=number,
+            commit=commit,
+            parent_commit=parent,
+            description=proposal.description,
+            strategy="baseline" if parent is None else context.strategy.name,
+        )
+        manifest: Manifest = {
+            "apiVersion": API_VERSION,
+            "kind": "Trial",
+            "metadata": {
+                "name": name,
+                "namespace": context.namespace,
+                "labels": {CAMPAIGN_LABEL: context.name, TRIAL_LABEL: name},
+                "annotations": {PROPOSAL_ANNOTATION: json.dumps(recorded, sort_keys=True)},
+                "ownerReferences": [owner_reference(campaign)],
+            },
+            "spec": spec.model_dump(by_alias=True, exclude_none=True),
+        }
+        trial = self.api.create(manifest)
+        self.ensure_row(context, store, trial)
+        post(campaign, "TrialCreated", f"{name}: {proposal.description}")
+
+    # Status
+
+    def _publish(
+        self,
+        body: Manifest,
+        context: CampaignContext,
+        store: Store,
+        started: datetime,
+        outcome: engine.Stop | None,
+    ) -> None:
+        rows = store.trials(context.record.id)
+        old = body.get("status") or {}
+        if context.spec.suspend:
+            phase = CampaignPhase.SUSPENDED
+        elif outcome is None:
+            phase = CampaignPhase.RUNNING
+        elif outcome.reason in _FAILURE_STOPS:
+            phase = CampaignPhase.FAILED
+        else:
+            phase = CampaignPhase.SUCCEEDED
+        record_status = _RECORD_STATUS[phase]
+        stop_reason = (
+            outcome.message if outcome else ("suspended" if context.spec.suspend else None)
+        )
+        if (context.record.status, context.record.stop_reason) != (record_status, stop_reason):
+            store.set_campaign_status(context.record.id, record_status, stop_reason)
+
+        reason, message = _phase_reason(phase, outcome, rows)
+        wall_clock = context.limits.budget_seconds
+        status: dict[str, Any] = {
+            "phase": str(phase),
+            "conditions": _conditions(old, phase, reason, message, body, self.clock()),
+            "counts": _counts(rows).model_dump(by_alias=True),
+            "baseline": _result(context, next((r for r in rows if r.is_baseline and r.kept), None)),
+            "best": _result(context, _best(context, rows)),
+            "startTime": timestamp(started),
+            "deadline": timestamp(started + timedelta(seconds=wall_clock)) if wall_clock else None,
+            "completionTime": (
+                old.get("completionTime") or timestamp(self.clock()) if phase in TERMINAL else None
+            ),
+            "observedGeneration": body["metadata"].get("generation"),
+        }
+        if any(old.get(key) != value for key, value in status.items()):
+            self.api.patch_campaign_status(context.namespace, context.name, status)
+        self.metrics.set_phase("Campaign", context.namespace, context.name, str(phase))
+        if old.get("phase") != str(phase):
+            post(body, str(phase), message, warning=phase is CampaignPhase.FAILED)
+
+    def _fail_setup(self, body: Manifest, error: CampaignSetupError) -> None:
+        meta = body["metadata"]
+        old = body.get("status") or {}
+        phase = CampaignPhase.FAILED
+        now = self.clock()
+        status = {
+            "phase": str(phase),
+            "conditions": _conditions(old, phase, error.reason, error.message, body, now),
+            "completionTime": old.get("completionTime") or timestamp(now),
+            "observedGeneration": meta.get("generation"),
+        }
+        self.api.patch_campaign_status(meta["namespace"], meta["name"], status)
+        self.metrics.set_phase("Campaign", meta["namespace"], meta["name"], str(phase))
+        if old.get("phase") != str(phase):
+            post(body, error.reason, error.message, warning=True)
+
+
+def _phase_reason(
+    phase: CampaignPhase, outcome: engine.Stop | None, rows: list[TrialRecord]
+) -> tuple[str, str]:
+    if outcome is not None:
+        reason = "".join(part.capitalize() for part in outcome.reason.split("_"))
+        return reason, outcome.message
+    if phase is CampaignPhase.SUSPENDED:
+        return "Suspended", "spec.suspend is true: no new trials start"
+    running = sum(1 for row in rows if row.status == "running")
+    return "TrialsRunning", f"{running} trial(s) running"
+
+
+def _conditions(
+    old: dict[str, Any],
+    phase: CampaignPhase,
+    reason: str,
+    message: str,
+    body: Manifest,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """Running, Suspended, Complete and Failed, each True or False, with the reason."""
+    truth = {
+        "Running": phase is CampaignPhase.RUNNING,
+        "Suspended": phase is CampaignPhase.SUSPENDED,
+        "Complete": phase is CampaignPhase.SUCCEEDED,
+        "Failed": phase is CampaignPhase.FAILED,
+    }
+    previous = {c.get("type"): c for c in old.get("conditions") or []}
+    conditions = []
+    for kind, is_true in truth.items():
+        before = previous.get(kind) or {}
+        changed = before.get("status") != ("True" if is_true else "False")
+        condition = Condition(
+            type=kind,
+            status="True" if is_true else "False",
+            reason=reason if is_true else f"Not{kind}",
+            message=message if is_true else "",
+            last_transition_time=timestamp(now) if changed else before.get("lastTransitionTime"),
+            observed_generation=body["metadata"].get("generation"),
+        )
+        conditions.append(condition.model_dump(by_alias=True, exclude_none=True))
+    return conditions
+
+
+def _counts(rows: list[TrialRecord]) -> TrialCounts:
+    return TrialCounts(
+        total=len(rows),
+        running=sum(1 for r in rows if r.status == "running"),
+        succeeded=sum(1 for r in rows if r.status == "success"),
+        failed=sum(1 for r in rows if r.status in engine.FAILED),
+        kept=sum(1 for r in rows if r.kept),
+    )
+
+
+def _best(context: CampaignContext, rows: list[TrialRecord]) -> TrialRecord | None:
+    best = engine.best_kept([row.view() for row in rows], context.objective)
+    return next((r for r in rows if best is not None and r.number == best.number), None)
+
+
+def _result(context: CampaignContext, row: TrialRecord | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    result = TrialResult(
+        trial=trial_name(context.name, row.number), commit=row.commit, value=row.metric
+    )
+    return result.model_dump(by_alias=True)

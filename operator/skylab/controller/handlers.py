@@ -1,0 +1,130 @@
+"""The kopf handlers: which events reach which controller call.
+
+Handlers are synchronous (kopf runs them in its thread pool): they call the
+Kubernetes API and PostgreSQL with blocking clients and may run a strategy.
+Every handler is counted in the error metric when it raises; kopf retries it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kopf
+
+from skylab.api.models import GROUP, VERSION
+from skylab.controller.campaigns import CampaignController
+from skylab.controller.metrics import Metrics
+from skylab.controller.settings import OperatorSettings
+from skylab.controller.trials import TrialController, follow_progress
+from skylab.executors.kubernetes import CAMPAIGN_LABEL, TRIAL_LABEL
+
+ANNOTATION_PREFIX = GROUP
+CAMPAIGNS = (GROUP, VERSION, "campaigns")
+TRIALS = (GROUP, VERSION, "trials")
+Handler = Callable[..., Any]
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf's own bookkeeping in annotations of our group, none in status."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+
+
+def register(
+    registry: kopf.OperatorRegistry,
+    campaigns: CampaignController,
+    trials: TrialController,
+    metrics: Metrics,
+    settings: OperatorSettings,
+) -> None:
+    retry = settings.retry_seconds
+
+    def counted(name: str, handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def wrapper(**kwargs: Any) -> Any:
+            try:
+                return handler(**kwargs)
+            except Exception:
+                metrics.handler_errors.labels(name).inc()
+                raise
+
+        return wrapper
+
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings)
+
+    def campaign_changed(namespace: str | None, name: str, **_: Any) -> None:
+        campaigns.reconcile(_namespaced(namespace), name)
+
+    reconcile_campaign = counted("campaign", campaign_changed)
+    kopf.on.resume(*CAMPAIGNS, registry=registry, backoff=retry)(reconcile_campaign)
+    kopf.on.create(*CAMPAIGNS, registry=registry, backoff=retry)(reconcile_campaign)
+    kopf.on.update(*CAMPAIGNS, field="spec", registry=registry, backoff=retry)(reconcile_campaign)
+    kopf.timer(*CAMPAIGNS, interval=settings.resync_seconds, registry=registry)(reconcile_campaign)
+
+    @kopf.on.delete(*CAMPAIGNS, registry=registry, backoff=retry)
+    def campaign_deleted(namespace: str | None, name: str, uid: str, **_: Any) -> None:
+        delete = counted("campaign-delete", campaigns.delete)
+        delete(namespace=_namespaced(namespace), name=name, uid=uid)
+
+    def trial_changed(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> None:
+        trials.sync(_namespaced(namespace), name, spec["campaign"])
+
+    sync_trial = counted("trial", trial_changed)
+    kopf.on.resume(*TRIALS, registry=registry, backoff=retry)(sync_trial)
+    kopf.on.create(*TRIALS, registry=registry, backoff=retry)(sync_trial)
+    kopf.timer(*TRIALS, interval=settings.resync_seconds, registry=registry, when=_undecided)(
+        sync_trial
+    )
+
+    @kopf.daemon(*TRIALS, registry=registry, when=_running, cancellation_timeout=5)
+    def trial_progress(
+        namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any
+    ) -> None:
+        follow = counted("trial-progress", follow_progress)
+        follow(
+            trials=trials,
+            namespace=_namespaced(namespace),
+            name=name,
+            interval=settings.progress_seconds,
+            stopped=stopped,
+        )
+
+    @kopf.on.event(
+        "batch",
+        "v1",
+        "jobs",
+        labels={TRIAL_LABEL: kopf.PRESENT, CAMPAIGN_LABEL: kopf.PRESENT},
+        registry=registry,
+    )
+    def job_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+        sync = counted("job", trials.sync)
+        sync(
+            namespace=_namespaced(namespace),
+            name=labels[TRIAL_LABEL],
+            campaign=labels[CAMPAIGN_LABEL],
+        )
+
+
+def _undecided(status: kopf.Status, **_: Any) -> bool:
+    return not status.get("decision")
+
+
+def _running(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") == "Running"
+
+
+def _namespaced(namespace: str | None) -> str:
+    if namespace is None:  # the CRDs are namespaced: kopf always passes one
+        raise kopf.PermanentError("a namespaced resource without a namespace")
+    return namespace

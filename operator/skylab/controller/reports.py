@@ -1,0 +1,145 @@
+"""What became of a trial's Job: its phase while it runs, its report once it ends.
+
+The trainer writes its JSON report to /dev/termination-log, so the report is the
+trainer container's termination message in the Pod status. A pod that ended without
+one (OOMKilled, evicted, node lost, deadline) still gives a report that says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from skylab.api.models import TrialPhase
+from skylab.controller.kubeapi import Manifest
+from skylab.executors.kubernetes import COMPLETION_INDEX_ANNOTATION, CONTAINER
+from skylab_trainer.report import MAX_REPORT_BYTES, TrialReport, TrialStatus
+
+PHASE_OF_STATUS = {
+    TrialStatus.SUCCESS: TrialPhase.SUCCEEDED,
+    TrialStatus.CRASH: TrialPhase.FAILED,
+    TrialStatus.TIMEOUT: TrialPhase.TIMED_OUT,
+    TrialStatus.KILLED: TrialPhase.STOPPED,
+}
+
+
+@dataclass(frozen=True)
+class JobState:
+    phase: TrialPhase  # Pending, Queued or Running; Succeeded or Failed once it ended
+    finished: bool
+    reason: str = ""  # of the Job's Failed condition (DeadlineExceeded, ...)
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Ending:
+    report: TrialReport
+    reason: str  # the Trial status reason: Completed, Crashed, OOMKilled, Evicted, ...
+
+
+def job_state(job: Manifest) -> JobState:
+    status = job.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("status") != "True":
+            continue
+        kind = condition.get("type")
+        if kind in ("Complete", "SuccessCriteriaMet"):
+            return JobState(TrialPhase.SUCCEEDED, True)
+        if kind in ("Failed", "FailureTarget"):
+            return JobState(
+                TrialPhase.FAILED,
+                True,
+                str(condition.get("reason") or ""),
+                str(condition.get("message") or ""),
+            )
+    # Kueue holds a Job suspended until it admits it, and suspends it again to evict
+    # it: either way the trial is waiting for its turn, not failing.
+    if (job.get("spec") or {}).get("suspend"):
+        return JobState(TrialPhase.QUEUED, False)
+    if (status.get("active") or 0) > 0:
+        return JobState(TrialPhase.RUNNING, False)
+    return JobState(TrialPhase.PENDING, False)
+
+
+def trial_ending(state: JobState, pods: list[Manifest], metric_name: str) -> Ending:
+    """The report of a finished Job, from the pod that reports (completion index 0)."""
+    pod = reporting_pod(pods)
+    terminated = _terminated(pod) if pod is not None else None
+    message = (terminated or {}).get("message") or ""
+    if message.strip():
+        return _parse(message, metric_name)
+
+    def failed(reason: str, text: str, status: TrialStatus = TrialStatus.CRASH) -> Ending:
+        code = (terminated or {}).get("exitCode")
+        return Ending(TrialReport(status, metric_name, exit_code=code, message=text), reason)
+
+    if state.reason == "DeadlineExceeded":
+        return failed(
+            "TimedOut",
+            "the Job's deadline (activeDeadlineSeconds) passed before the trainer reported",
+            TrialStatus.TIMEOUT,
+        )
+    if terminated is not None and terminated.get("reason") == "OOMKilled":
+        return failed("OOMKilled", "the trainer container ran out of memory (OOMKilled)")
+    pod_status: dict[str, Any] = (pod or {}).get("status") or {}
+    if pod_status.get("reason") == "Evicted":
+        detail = pod_status.get("message") or "the node evicted the pod"
+        return failed("Evicted", f"the pod was evicted without a report: {detail}")
+    if pod is None:
+        detail = state.message or "its pod is gone (node lost or pod deleted)"
+        return failed("NoReport", f"the Job ended without a report: {detail}")
+    code = (terminated or {}).get("exitCode")
+    return failed("NoReport", f"the trainer exited (code {code}) without writing a report")
+
+
+def _parse(message: str, metric_name: str) -> Ending:
+    size = len(message.encode())
+    if size > MAX_REPORT_BYTES:
+        return _malformed(
+            f"the report is {size} bytes, over the {MAX_REPORT_BYTES} limit", metric_name
+        )
+    try:
+        report = TrialReport.from_json(message)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return _malformed(
+            f"the report is not a trial report ({type(exc).__name__}: {exc})", metric_name
+        )
+    if report.metric is not None and not isinstance(report.metric, (int, float)):
+        return _malformed("the report's metric is not a number", metric_name)
+    reason = {
+        TrialStatus.SUCCESS: "Completed",
+        TrialStatus.CRASH: "Crashed",
+        TrialStatus.TIMEOUT: "TimedOut",
+        TrialStatus.KILLED: "Killed",
+    }[report.status]
+    return Ending(report, reason)
+
+
+def _malformed(why: str, metric_name: str) -> Ending:
+    report = TrialReport(TrialStatus.CRASH, metric_name, message=f"malformed report: {why}")
+    return Ending(report, "MalformedReport")
+
+
+def reporting_pod(pods: list[Manifest]) -> Manifest | None:
+    def rank(pod: Manifest) -> tuple[int, str]:
+        annotations = pod["metadata"].get("annotations") or {}
+        index = annotations.get(COMPLETION_INDEX_ANNOTATION, "0")
+        return (
+            int(index) if str(index).isdigit() else 0,
+            pod["metadata"].get("creationTimestamp", ""),
+        )
+
+    # Rank 0 prints the summary; of its pods the latest is the one that counts.
+    ordered = sorted(pods, key=rank)
+    if not ordered:
+        return None
+    first_index = rank(ordered[0])[0]
+    return [p for p in ordered if rank(p)[0] == first_index][-1]
+
+
+def _terminated(pod: Manifest) -> dict[str, Any] | None:
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        if container.get("name") == CONTAINER:
+            state = (container.get("state") or {}).get("terminated")
+            return dict(state) if state else None
+    return None

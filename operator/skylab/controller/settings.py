@@ -1,0 +1,74 @@
+"""The operator's settings, from its environment (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from skylab.errors import UserError
+from skylab.experiments import search_path
+from skylab.store.url import URL_VARIABLE
+
+WORKSPACE_VARIABLE = "SKYLAB_WORKSPACE_ROOT"
+GIT_URL_VARIABLE = "SKYLAB_GIT_URL"
+EXPERIMENTS_VARIABLE = "SKYLAB_EXPERIMENTS_DIR"
+HTTP_PORT_VARIABLE = "SKYLAB_HTTP_PORT"
+RESYNC_VARIABLE = "SKYLAB_RESYNC_SECONDS"
+PROGRESS_VARIABLE = "SKYLAB_PROGRESS_SECONDS"
+RETRY_VARIABLE = "SKYLAB_RETRY_SECONDS"
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    database_url: str
+    # Campaign repositories and experiment snapshots: a volume that outlives the pod.
+    workspace_root: Path
+    # How trainer pods reach the operator's git endpoint, e.g.
+    # http://skylab.skylab.svc:8080/git; a repository is <git_url>/<ns>/<campaign>.git.
+    git_url: str
+    # Folders holding the experiments a Campaign names with `bundled`.
+    experiment_dirs: tuple[Path, ...]
+    http_port: int = 8080
+    # How often a Campaign and an undecided Trial are looked at without any event.
+    resync_seconds: float = 60.0
+    # How often a running trial's log is read for its progress.
+    progress_seconds: float = 10.0
+    # How long a handler that failed (API server or database unreachable) waits to retry.
+    retry_seconds: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorSettings:
+        def required(name: str) -> str:
+            value = env.get(name, "").strip()
+            if not value:
+                raise UserError(f"{name}: required by `skylab operator` (it is not set)")
+            return value
+
+        def number(name: str, default: float) -> float:
+            text = env.get(name, "").strip()
+            try:
+                value = float(text) if text else default
+            except ValueError:
+                raise UserError(f"{name}: expected a number of seconds, got {text!r}") from None
+            if value <= 0:
+                raise UserError(f"{name}: expected a positive number, got {text!r}")
+            return value
+
+        folders = env.get(EXPERIMENTS_VARIABLE, "").strip()
+        experiment_dirs = (
+            tuple(Path(p) for p in folders.split(os.pathsep) if p)
+            if folders
+            else tuple(p for p in search_path() if p != Path.cwd() / "experiments")
+        )
+        return cls(
+            database_url=required(URL_VARIABLE),
+            workspace_root=Path(required(WORKSPACE_VARIABLE)),
+            git_url=required(GIT_URL_VARIABLE).rstrip("/"),
+            experiment_dirs=experiment_dirs,
+            http_port=int(number(HTTP_PORT_VARIABLE, 8080)),
+            resync_seconds=number(RESYNC_VARIABLE, 60.0),
+            progress_seconds=number(PROGRESS_VARIABLE, 10.0),
+            retry_seconds=number(RETRY_VARIABLE, 10.0),
+        )

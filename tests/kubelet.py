@@ -1,0 +1,205 @@
+"""The parts of a cluster the emulator lacks, played by the tests: the Job controller and
+the kubelet. They run a trial's Job by writing what those controllers would write: the
+pod, its terminated container with the trainer's report as termination message, and
+the Job's status and conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emulator import KubeEmulator
+from operator_harness import OperatorThread, create, names, patch_status, stored
+from skylab.controller.kubeapi import KubeApi, load_client
+from skylab.controller.main import Operator, build_operator
+from skylab.controller.settings import OperatorSettings
+from skylab_trainer.report import TrialReport, TrialStatus
+
+GROUP_VERSION = "skylab.dev/v1alpha1"
+CAMPAIGNS, TRIALS = f"{GROUP_VERSION}/campaigns", f"{GROUP_VERSION}/trials"
+JOBS, PODS, SERVICES = "batch/v1/jobs", "v1/pods", "v1/services"
+NAMESPACE = "default"
+_pod_ids = itertools.count(1)
+# What a running trainer container has printed: train.py's progress lines.
+PROGRESS_LOG = (
+    "step 00001 | loss 9.012345 | lrm 1.00 | dt 320ms | tok/s 1,638,400 | mfu 39.7%"
+    " | done 0.3% | left 299s | epoch 1\n"
+    "step 00002 | loss 8.501234 | lrm 1.00 | dt 318ms | tok/s 1,648,700 | mfu 39.9%"
+    " | done 0.6% | left 298s | epoch 1\n"
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial's Job ends."""
+
+    report: TrialReport | None  # None: the container wrote no termination message
+    job_condition: str = "Complete"  # or Failed
+    job_reason: str = ""  # e.g. DeadlineExceeded
+    exit_code: int = 0
+    container_reason: str = "Completed"  # e.g. OOMKilled, Error
+    raw_message: str | None = None  # a termination message that is not a report
+
+
+def success(metric: float, vram_mb: float = 1000.0) -> Outcome:
+    metrics = {"val_bpb": metric, "peak_vram_mb": vram_mb, "training_seconds": 1.0}
+    report = TrialReport(TrialStatus.SUCCESS, "val_bpb", metric, metrics, exit_code=0)
+    return Outcome(report)
+
+
+def crash(message: str = "RuntimeError: boom") -> Outcome:
+    report = TrialReport(TrialStatus.CRASH, "val_bpb", exit_code=1, message=message)
+    return Outcome(report, "Failed", "BackoffLimitExceeded", 1, "Error")
+
+
+def oom_killed() -> Outcome:
+    return Outcome(None, "Failed", "BackoffLimitExceeded", 137, "OOMKilled")
+
+
+def deadline_exceeded() -> Outcome:
+    return Outcome(None, "Failed", "DeadlineExceeded", 137, "Error")
+
+
+def raw_report(message: str) -> Outcome:
+    return Outcome(None, "Failed", "BackoffLimitExceeded", 1, "Error", raw_message=message)
+
+
+async def start_job(kube: KubeEmulator, name: str, log: str = "") -> None:
+    """The Job's pod is scheduled and running (LOG: what its container printed so far)."""
+    pod = f"{name}-{next(_pod_ids):05d}"
+    await create(
+        kube,
+        PODS,
+        {
+            "metadata": {
+                "name": pod,
+                "labels": {"skylab.dev/trial": name, "job-name": name},
+                "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+            },
+            "spec": {"containers": [{"name": "trainer", "image": "trainer"}]},
+        },
+    )
+    kube.pod_logs[(NAMESPACE, pod)] = log
+    await patch_status(kube, PODS, NAMESPACE, pod, {"phase": "Running"})
+    await patch_status(kube, JOBS, NAMESPACE, name, {"active": 1, "ready": 1})
+
+
+async def end_job(kube: KubeEmulator, name: str, outcome: Outcome) -> None:
+    """The pod's container ends as OUTCOME says, then the Job controller marks the Job."""
+    pods = [p for p in names(kube, PODS, NAMESPACE) if p.startswith(f"{name}-")]
+    if not pods:
+        await start_job(kube, name)
+        pods = [p for p in names(kube, PODS, NAMESPACE) if p.startswith(f"{name}-")]
+    message = outcome.raw_message
+    if outcome.report is not None:
+        message = outcome.report.to_json()
+    terminated: dict[str, Any] = {"exitCode": outcome.exit_code, "reason": outcome.container_reason}
+    if message is not None:
+        terminated["message"] = message
+    phase = "Succeeded" if outcome.exit_code == 0 else "Failed"
+    await patch_status(
+        kube,
+        PODS,
+        NAMESPACE,
+        pods[-1],
+        {
+            "phase": phase,
+            "containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}],
+        },
+    )
+    condition = {"type": outcome.job_condition, "status": "True", "reason": outcome.job_reason}
+    counts = {"succeeded": 1} if outcome.job_condition == "Complete" else {"failed": 1}
+    await patch_status(
+        kube, JOBS, NAMESPACE, name, {"active": 0, "ready": 0, "conditions": [condition], **counts}
+    )
+
+
+@dataclass
+class Kubelet:
+    """Runs every new Job of the emulator to the outcome SCRIPT gives for its trial number."""
+
+    kube: KubeEmulator
+    script: Callable[[int], Outcome | None]  # None: start that Job and leave it running
+    started: set[str] = field(default_factory=set)
+    ended: set[str] = field(default_factory=set)
+
+    async def run(self) -> None:
+        while True:
+            for job in names(self.kube, JOBS, NAMESPACE):
+                body = stored(self.kube, JOBS, NAMESPACE, job)
+                if job in self.ended or body is None or body["spec"].get("suspend"):
+                    continue
+                if job not in self.started:
+                    self.started.add(job)
+                    await start_job(self.kube, job, log=PROGRESS_LOG)
+                outcome = self.script(int(job.rsplit("-", 1)[1]))
+                if outcome is not None:
+                    self.ended.add(job)
+                    await end_job(self.kube, job, outcome)
+            await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def kubelet(
+    kube: KubeEmulator, script: Callable[[int], Outcome | None]
+) -> AsyncIterator[Kubelet]:
+    player = Kubelet(kube, script)
+    task = asyncio.create_task(player.run())
+    try:
+        yield player
+    finally:
+        if task.done():  # it only ends by failing: say why
+            task.result()
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
+def operator_settings(tmp_path: Path, database_url: str, experiments: Path) -> OperatorSettings:
+    return OperatorSettings(
+        database_url=database_url,
+        workspace_root=tmp_path / "workspaces",
+        git_url="http://skylab.skylab.svc:8080/git",
+        experiment_dirs=(experiments,),
+        resync_seconds=5.0,
+        progress_seconds=1.0,
+        retry_seconds=0.3,
+    )
+
+
+@asynccontextmanager
+async def running_operator(
+    kube: KubeEmulator, settings: OperatorSettings
+) -> AsyncIterator[tuple[Operator, OperatorThread]]:
+    """The real operator (`skylab operator`'s handlers) in a kopf thread of its own."""
+    operator = await asyncio.to_thread(build_operator, KubeApi(load_client()), settings)
+    thread = OperatorThread(operator.registry)
+    thread.start()
+    try:
+        await thread.wait_for_watches(kube, [CAMPAIGNS, TRIALS, JOBS])
+        yield operator, thread
+    finally:
+        await thread.stop()
+        operator.stores.close()
+
+
+def sweep_campaign(name: str, **spec: Any) -> dict[str, Any]:
+    """A Campaign of the toy experiment (bundled), one GPU per trial unless SPEC says."""
+    template = {"image": "skylab-trainer:test", "gpusPerNode": 1}
+    template |= spec.pop("trialTemplate", {})
+    return {
+        "apiVersion": GROUP_VERSION,
+        "kind": "Campaign",
+        "metadata": {"name": name},
+        "spec": {
+            "experiment": {"bundled": "toy"},
+            "strategy": {"type": "sweep"},
+            "trialTemplate": template,
+            **spec,
+        },
+    }

@@ -1,0 +1,188 @@
+"""The real operator (kopf handlers, PostgreSQL, workspaces) against the Kubernetes emulator.
+
+The tests play the Job controller and the kubelet (tests/kubelet.py): they run each Job
+the operator creates to an outcome they choose, and check what the operator makes of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emulator import KubeEmulator
+from kubelet import (
+    CAMPAIGNS,
+    JOBS,
+    NAMESPACE,
+    SERVICES,
+    TRIALS,
+    Outcome,
+    kubelet,
+    operator_settings,
+    running_operator,
+    success,
+    sweep_campaign,
+)
+from operator_harness import (  # noqa: F401  # fixtures register under their own names
+    OperatorThread,
+    create,
+    eventually,
+    kmock_options_fixture,
+    kube_fixture,
+    names,
+    stored,
+)
+from skylab.controller.settings import OperatorSettings
+from skylab.store import Store
+from toy_experiment import write_toy_experiment
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(900)]
+# Seconds to wait for a whole campaign: generous, the emulator shares two slow cores.
+SLOW = 300
+
+GRID = """
+[strategy.sweep.parameters.LR]
+values = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+"""
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> OperatorSettings:
+    experiments = tmp_path / "experiments"
+    write_toy_experiment(experiments / "toy", GRID)
+    return operator_settings(tmp_path, database_url, experiments)
+
+
+def status(kube: KubeEmulator, resource: str, name: str) -> dict[str, Any]:
+    body = stored(kube, resource, NAMESPACE, name)
+    return (body or {}).get("status") or {}
+
+
+def phase_is(kube: KubeEmulator, name: str, phase: str) -> bool:
+    return status(kube, CAMPAIGNS, name).get("phase") == phase
+
+
+def rows(database_url: str, campaign: str) -> list[tuple[int, str, bool | None, float | None]]:
+    with Store.connect(database_url) as store:
+        record = store.get_campaign(f"{NAMESPACE}/{campaign}")
+        assert record is not None
+        return [(t.number, t.status, t.kept, t.metric) for t in store.trials(record.id)]
+
+
+async def test_a_sweep_campaign_runs_to_succeeded_keeping_what_improves(
+    kube: KubeEmulator, settings: OperatorSettings, database_url: str
+) -> None:
+    metrics = {1: 1.0, 2: 0.9, 3: 0.95, 4: 0.85}
+    async with (
+        running_operator(kube, settings),
+        kubelet(kube, lambda n: success(metrics[n])),
+    ):
+        await create(kube, CAMPAIGNS, sweep_campaign("sweep", budget={"maxTrials": 4}))
+        await eventually(lambda: phase_is(kube, "sweep", "Succeeded"), timeout=SLOW)
+
+    trials = names(kube, TRIALS, NAMESPACE)
+    assert trials == [f"sweep-{n:04d}" for n in (1, 2, 3, 4)]
+    decisions = [status(kube, TRIALS, t).get("decision") for t in trials]
+    assert decisions == ["Kept", "Kept", "Reverted", "Kept"]
+    assert [status(kube, TRIALS, t)["metric"] for t in trials] == [1.0, 0.9, 0.95, 0.85]
+    assert names(kube, JOBS, NAMESPACE) == trials
+    assert rows(database_url, "sweep") == [
+        (1, "success", True, 1.0),
+        (2, "success", True, 0.9),
+        (3, "success", False, 0.95),
+        (4, "success", True, 0.85),
+    ]
+    final = status(kube, CAMPAIGNS, "sweep")
+    assert final["counts"] == {"total": 4, "running": 0, "succeeded": 4, "failed": 0, "kept": 3}
+    assert final["best"]["trial"] == "sweep-0004" and final["best"]["value"] == 0.85
+    assert final["baseline"]["value"] == 1.0
+    complete = next(c for c in final["conditions"] if c["type"] == "Complete")
+    assert (complete["status"], complete["reason"]) == ("True", "MaxTrials")
+
+
+def job(kube: KubeEmulator, name: str) -> dict[str, Any]:
+    body = stored(kube, JOBS, NAMESPACE, name)
+    assert body is not None, f"no Job {name}"
+    return body
+
+
+def active_jobs(kube: KubeEmulator) -> list[str]:
+    return [j for j in names(kube, JOBS, NAMESPACE) if status(kube, JOBS, j).get("active")]
+
+
+async def test_parallelism_keeps_exactly_that_many_jobs_running(
+    kube: KubeEmulator, settings: OperatorSettings, database_url: str
+) -> None:
+    release: set[int] = set()
+
+    def script(number: int) -> Outcome | None:
+        if number == 1 or number in release:
+            return success(1.0 - number / 100)
+        return None  # stays running
+
+    campaign = sweep_campaign("par", parallelism=3, budget={"maxTrials": 6})
+    async with running_operator(kube, settings) as (operator, _), kubelet(kube, script):
+        await create(kube, CAMPAIGNS, campaign)
+        await eventually(lambda: len(active_jobs(kube)) == 3, timeout=SLOW)
+        assert sorted(names(kube, JOBS, NAMESPACE)) == [f"par-{n:04d}" for n in (1, 2, 3, 4)]
+        assert status(kube, CAMPAIGNS, "par")["counts"]["running"] == 3
+        release.add(3)  # one finishes: exactly one more starts
+        await eventually(lambda: len(names(kube, JOBS, NAMESPACE)) == 5, timeout=SLOW)
+        await eventually(lambda: len(active_jobs(kube)) == 3, timeout=SLOW)
+        assert status(kube, TRIALS, "par-0003")["decision"] == "Kept"
+        # the running trials' progress, read from their pods' logs, is in PostgreSQL
+        with Store.connect(database_url) as store:
+            record = store.get_campaign(f"{NAMESPACE}/par")
+            assert record is not None
+            running = store.get_trial(record.id, 2)
+            assert running is not None
+
+            def progress_recorded() -> bool:
+                return [p.step for p in store.progress(running.id)] == [1, 2]
+
+            await eventually(progress_recorded, timeout=SLOW)
+        metrics = operator.metrics.render().decode()
+        assert 'skylab_trials{phase="Running"} 3.0' in metrics
+        assert 'skylab_campaigns{phase="Running"} 1.0' in metrics
+
+
+async def test_a_multi_gpu_trial_runs_torchrun_with_gpu_requests(
+    kube: KubeEmulator, settings: OperatorSettings
+) -> None:
+    campaign = sweep_campaign("gpus", trialTemplate={"gpusPerNode": 4})
+    async with running_operator(kube, settings):
+        await create(kube, CAMPAIGNS, campaign)
+        await eventually(lambda: stored(kube, JOBS, NAMESPACE, "gpus-0001"), timeout=SLOW)
+    spec = job(kube, "gpus-0001")["spec"]
+    container = spec["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SKYLAB_COMMAND"] == "torchrun --standalone --nproc_per_node=4 train.py"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert env["SKYLAB_REPO_URL"] == "http://skylab.skylab.svc:8080/git/default/gpus.git"
+    trial = stored(kube, TRIALS, NAMESPACE, "gpus-0001")
+    assert trial is not None and env["SKYLAB_COMMIT"] == trial["spec"]["commit"]
+    assert (spec["backoffLimit"], spec["template"]["spec"]["restartPolicy"]) == (0, "Never")
+    owner = job(kube, "gpus-0001")["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"]) == ("Trial", trial["metadata"]["uid"])
+
+
+async def test_a_two_node_trial_gets_an_indexed_job_and_a_headless_service(
+    kube: KubeEmulator, settings: OperatorSettings
+) -> None:
+    campaign = sweep_campaign("nodes", trialTemplate={"gpusPerNode": 8, "nodes": 2})
+    async with running_operator(kube, settings):
+        await create(kube, CAMPAIGNS, campaign)
+        await eventually(lambda: stored(kube, JOBS, NAMESPACE, "nodes-0001"), timeout=SLOW)
+    spec = job(kube, "nodes-0001")["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    service = stored(kube, SERVICES, NAMESPACE, "nodes-0001")
+    assert service is not None and service["spec"]["clusterIP"] == "None"
+    env = {e["name"]: e for e in spec["template"]["spec"]["containers"][0]["env"]}
+    assert env["PET_NNODES"]["value"] == "2"
+    assert env["PET_NPROC_PER_NODE"]["value"] == "8"
+    assert env["PET_MASTER_ADDR"]["value"] == "nodes-0001-0.nodes-0001.default.svc"
+    rank = env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert "job-completion-index" in rank
+    assert env["SKYLAB_COMMAND"]["value"] == "torchrun train.py"
