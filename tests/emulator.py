@@ -139,7 +139,11 @@ def selector(params: Mapping[str, str]) -> Callable[[Body], bool]:
 
 @attrs.define(kw_only=True)
 class KubeEmulator(kmock.KubernetesEmulator):
-    """The stateful emulator with the API server's bookkeeping; see the module docstring."""
+    """The stateful emulator with the API server's bookkeeping; see the module docstring.
+
+    All state changes run without an await on the server's event loop, so they are atomic and
+    reads need no lock; the lock is there for the condition that wakes the watchers up.
+    """
 
     # What GET .../pods/{name}/log answers, by (namespace, pod name); tests fill it.
     pod_logs: dict[tuple[str, str], str] = attrs.field(factory=dict, init=False)
@@ -320,19 +324,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     async def _serve_fetch(self, request: kmock.Request) -> kmock.Payload:
         assert request.resource is not None and request.name is not None
-        async with self._lock:
-            if stored := self._alive((request.resource, request.namespace, request.name)):
-                return stored.raw
+        if stored := self._alive((request.resource, request.namespace, request.name)):
+            return stored.raw
         raise error(404, "NotFound", f"{request.resource.plural} {request.name!r} not found")
 
     async def _serve_log(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         assert request.namespace is not None and request.name is not None
-        async with self._lock:
-            exists = self._alive((PODS, request.namespace, request.name)) is not None
-        if not exists:
-            return await self._render_error(
-                error(404, "NotFound", f"pods {request.name!r} not found")
-            )
+        if not self._alive((PODS, request.namespace, request.name)):
+            return await self._render_error(error(404, "NotFound", f"pod {request.name} not found"))
         text = self.pod_logs.get((request.namespace, request.name), "")
         if tail := request.params.get("tailLines"):
             text = "".join(text.splitlines(keepends=True)[-int(tail) :])
@@ -341,48 +340,40 @@ class KubeEmulator(kmock.KubernetesEmulator):
     @staticmethod
     def _visible(request: kmock.Request, key: Key) -> bool:
         resource, namespace, name = key
-        return (
-            resource == request.resource
-            and request.namespace in (None, namespace)
-            and (request.name in (None, name))
-        )
+        same_name = request.name in (None, name)
+        return resource == request.resource and request.namespace in (None, namespace) and same_name
 
     async def _serve_list(self, request: kmock.Request) -> kmock.Payload:
         assert request.resource is not None
         if request.resource not in self._get_resources():
             raise error(404, "NotFound", f"the server could not find {request.resource}")
         matches = selector(request.params)
-        async with self._lock:
-            items = [
-                copy.deepcopy(obj.raw)
-                for key, obj in self.objects.items()
-                if not obj.deleted and self._visible(request, key) and matches(obj.raw)
-            ]
-            rv = self._rv
+        items = [
+            copy.deepcopy(obj.raw)
+            for key, obj in self.objects.items()
+            if not obj.deleted and self._visible(request, key) and matches(obj.raw)
+        ]
         info = self._info(request.resource)
         kind = f"{info.kind}List" if info is not None and info.kind else "List"
-        return {"kind": kind, "metadata": {"resourceVersion": str(rv)}, "items": items}
+        return {"kind": kind, "metadata": {"resourceVersion": str(self._rv)}, "items": items}
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[kmock.Payload]:
         matches = selector(request.params)  # raised before streaming, it answers 400
-        since = request.params.get("resourceVersion", "")
-        if not since.isdigit():
-            since = ""
+        since = request.params.get("resourceVersion", "0")
         timeout = request.params.get("timeoutSeconds")
         deadline = asyncio.get_running_loop().time() + float(timeout) if timeout else None
         yield b""  # send the headers now: watching starts even if nothing ever happens
-        # The snapshot and the position in the change log are taken together: nothing is lost.
-        async with self._lock:
-            if since and since != "0":  # resume after that version, as kopf does after its list
-                index = bisect.bisect_right(self._changes, int(since), key=lambda c: c.rv)
-                initial = []
-            else:
-                index = len(self._changes)
-                initial = [
-                    {"type": "ADDED", "object": copy.deepcopy(obj.raw)}
-                    for key, obj in self.objects.items()
-                    if not obj.deleted and self._visible(request, key) and matches(obj.raw)
-                ]
+        # The snapshot and the position in the change log are taken at once: nothing is lost.
+        if since.isdigit() and int(since):  # resume after that version, as kopf does after a list
+            index = bisect.bisect_right(self._changes, int(since), key=lambda c: c.rv)
+            initial = []
+        else:
+            index = len(self._changes)
+            initial = [
+                {"type": "ADDED", "object": copy.deepcopy(obj.raw)}
+                for key, obj in self.objects.items()
+                if not obj.deleted and self._visible(request, key) and matches(obj.raw)
+            ]
         for event in initial:
             yield event
         while True:

@@ -184,7 +184,8 @@ async def running_operator(
         await thread.wait_for_watches(kube, [CAMPAIGNS, TRIALS, JOBS])
         yield operator, thread
     finally:
-        await thread.stop()
+        # kopf waits for the handlers in flight: on a loaded machine that takes a while.
+        await thread.stop(timeout=120)
         operator.stores.close()
 
 
