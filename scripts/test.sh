@@ -10,4 +10,6 @@ ensure_venv dev
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .
 .venv/bin/mypy
-.venv/bin/pytest "$@"
+# Two workers, a test file each at a time: most tests wait on subprocesses, servers or
+# the operator, so a second worker fills the idle core (SKYLAB_TEST_WORKERS=0: none).
+.venv/bin/pytest -n "${SKYLAB_TEST_WORKERS:-2}" --dist loadfile "$@"

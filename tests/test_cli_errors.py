@@ -1,4 +1,8 @@
-"""Bad input: exit status 2 and one line naming the problem, before anything runs."""
+"""Bad input: exit status 2 and one line naming the problem, before anything runs.
+
+The CLI runs in-process (a fresh interpreter per case would cost seconds each); one test
+checks the same through the real process.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,31 @@ from pathlib import Path
 import pytest
 from tests.toy_experiment import mark_prepared, skylab, write_toy_experiment
 
+from skylab.cli import main
+
 GRID = """
 [strategy.sweep.parameters.LR]
 values = [0.2, 0.4]
 """
 
 
-def _fails_cleanly(home: Path, *args: str) -> str:
-    result = skylab(*args, "--home", str(home), "--database-url", "postgresql:///unused")
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """The exit status and standard error of `skylab ARGS`."""
+    capsys.readouterr()
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse's usage errors
+        code = int(exit_.code or 0)
+    return code, capsys.readouterr().err
+
+
+def _fails_cleanly(capsys: pytest.CaptureFixture[str], home: Path, *args: str) -> str:
+    code, stderr = _cli(
+        capsys, *args, "--home", str(home), "--database-url", "postgresql:///unused"
+    )
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     # nothing started: no database, no workspace, no trial
     assert not (home / "postgres").exists()
     assert not (home / "workspaces").exists()
@@ -43,50 +61,67 @@ def _fails_cleanly(home: Path, *args: str) -> str:
         ),
     ],
 )
-def test_invalid_experiment_toml(tmp_path: Path, edit: object, expected: str) -> None:
+def test_invalid_experiment_toml(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, edit: object, expected: str
+) -> None:
     experiment = write_toy_experiment(tmp_path / "toy", GRID)
     toml = experiment / "experiment.toml"
     toml.write_text(edit(toml.read_text()))  # type: ignore[operator]
     mark_prepared(tmp_path / "home")
-    line = _fails_cleanly(tmp_path / "home", "run", str(experiment))
+    line = _fails_cleanly(capsys, tmp_path / "home", "run", str(experiment))
     assert expected in line
     assert "experiment.toml" in line
 
 
-def test_missing_experiment_toml(tmp_path: Path) -> None:
+def test_missing_experiment_toml(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    line = _fails_cleanly(tmp_path / "home", "run", str(tmp_path / "empty"))
+    line = _fails_cleanly(capsys, tmp_path / "home", "run", str(tmp_path / "empty"))
     assert "no experiment.toml" in line
 
 
-def test_unknown_experiment_name(tmp_path: Path) -> None:
-    line = _fails_cleanly(tmp_path / "home", "run", "no-such-experiment")
+def test_unknown_experiment_name(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    line = _fails_cleanly(capsys, tmp_path / "home", "run", "no-such-experiment")
     assert "unknown experiment 'no-such-experiment'" in line
 
 
-def test_unknown_strategy(tmp_path: Path) -> None:
+def test_unknown_strategy(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     experiment = write_toy_experiment(tmp_path / "toy", GRID)
-    line = _fails_cleanly(tmp_path / "home", "run", str(experiment), "--strategy", "genetic")
+    line = _fails_cleanly(
+        capsys, tmp_path / "home", "run", str(experiment), "--strategy", "genetic"
+    )
     assert "unknown strategy 'genetic'" in line
 
 
-def test_unknown_profile(tmp_path: Path) -> None:
+def test_unknown_profile(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     experiment = write_toy_experiment(tmp_path / "toy", GRID)
-    line = _fails_cleanly(tmp_path / "home", "run", str(experiment), "--profile", "tpu")
+    line = _fails_cleanly(capsys, tmp_path / "home", "run", str(experiment), "--profile", "tpu")
     assert "unknown profile 'tpu'" in line
 
 
-def test_data_not_prepared(tmp_path: Path) -> None:
+def test_data_not_prepared(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     experiment = write_toy_experiment(tmp_path / "toy", GRID)
-    line = _fails_cleanly(tmp_path / "home", "run", str(experiment))
+    line = _fails_cleanly(capsys, tmp_path / "home", "run", str(experiment))
     assert "skylab prepare toy" in line
 
 
 @pytest.mark.parametrize(
     ("flag", "value"), [("--budget", "soon"), ("--max-trials", "0"), ("--tag", "Bad Tag")]
 )
-def test_bad_flags(tmp_path: Path, flag: str, value: str) -> None:
+def test_bad_flags(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: str, value: str
+) -> None:
     experiment = write_toy_experiment(tmp_path / "toy", GRID)
-    result = skylab("run", str(experiment), flag, value, "--home", str(tmp_path / "home"))
+    code, stderr = _cli(
+        capsys, "run", str(experiment), flag, value, "--home", str(tmp_path / "home")
+    )
+    assert code == 2
+    assert flag in stderr.strip().splitlines()[-1]
+
+
+def test_the_real_process_exits_2_with_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    result = skylab("run", "no-such-experiment", "--home", str(home))
     assert result.returncode == 2
-    assert flag in result.stderr.strip().splitlines()[-1]
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("skylab: error: unknown experiment 'no-such-experiment'")
+    assert not home.exists() or not any(home.iterdir())

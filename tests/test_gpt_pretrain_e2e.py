@@ -10,12 +10,13 @@ from tests.toy_experiment import skylab
 
 from skylab.store import Store
 
-pytestmark = pytest.mark.slow
+# Minutes of real training on a small machine: more than the default per-test timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_three_trial_sweep_of_the_real_experiment(tmp_path: Path, database_url: str) -> None:
+def test_a_sweep_of_the_real_experiment(tmp_path: Path, database_url: str) -> None:
     home = tmp_path / "home"
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -43,7 +44,7 @@ def test_three_trial_sweep_of_the_real_experiment(tmp_path: Path, database_url: 
         "--strategy",
         "sweep",
         "--max-trials",
-        "3",
+        "2",
         "--tag",
         "e2e",
         "--home",
@@ -53,14 +54,14 @@ def test_three_trial_sweep_of_the_real_experiment(tmp_path: Path, database_url: 
         timeout=1800,
     )
     assert ran.returncode == 0, ran.stderr
-    assert "ran the maximum of 3 trials" in ran.stderr
+    assert "ran the maximum of 2 trials" in ran.stderr
 
     with Store.connect(database_url) as store:
         campaign = store.get_campaign("e2e")
         assert campaign is not None and campaign.status == "succeeded"
         trials = store.trials(campaign.id)
-        assert [t.status for t in trials] == ["success"] * 3
-        assert [t.description for t in trials] == ["baseline", "MATRIX_LR=0.01", "MATRIX_LR=0.08"]
+        assert [t.status for t in trials] == ["success"] * 2
+        assert [t.description for t in trials] == ["baseline", "MATRIX_LR=0.01"]
         baseline = trials[0]
         assert baseline.kept and baseline.metric is not None and 0 < baseline.metric < 13
         # each candidate is kept iff it beats the best value before it
@@ -87,7 +88,7 @@ def test_three_trial_sweep_of_the_real_experiment(tmp_path: Path, database_url: 
         database_url,
     )
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.count("success") == 3
+    assert shown.stdout.count("success") == 2
     rows = list(csv.reader(export.open(), delimiter="\t"))
     assert rows[0] == ["commit", "val_bpb", "memory_gb", "status", "description"]
     assert [row[3] for row in rows[1:]] == ["keep" if t.kept else "discard" for t in trials]

@@ -88,8 +88,9 @@ values = ["crash", "nometric", "hang", "ok"]
 """
     experiment = write_toy_experiment(tmp_path / "toy", sweep)
     toml = experiment / "experiment.toml"
+    # long enough for a loaded machine to start a trial, short enough to wait out the hang
     toml.write_text(
-        toml.read_text().replace("max_trial_wall_time = 20", "max_trial_wall_time = 10")
+        toml.read_text().replace("max_trial_wall_time = 120", "max_trial_wall_time = 30")
     )
     home = tmp_path / "home"
     mark_prepared(home)
@@ -118,7 +119,7 @@ values = ["crash", "nometric", "hang", "ok"]
     assert "the strategy has nothing left to propose" in result.stderr
 
 
-def _wait_for(predicate: Callable[[], object], timeout: float = 60) -> None:
+def _wait_for(predicate: Callable[[], object], timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -158,7 +159,7 @@ def test_interrupt_kills_the_trial_and_resume_goes_on(
     _wait_for(lambda: len(_trials_or_none(database_url, "stop")) == 2 and _training(process))
     victims = _training(process)
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "--resume" in stderr
     assert not any(_alive(p) for p in victims)

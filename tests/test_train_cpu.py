@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import re
+import runpy
 import shutil
-import subprocess
 import sys
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pytest import CaptureFixture
 
 from skylab.config import load_experiment
 from skylab.strategies.constants import rewrite_constants
@@ -75,21 +76,44 @@ def cpu_experiment(target: Path, **overrides: float | int | str) -> Path:
     return target
 
 
-def run_train(workdir: Path, data_dir: Path, budget: float) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SKYLAB_DATA_DIR": str(data_dir), "SKYLAB_TIME_BUDGET": str(budget)}
-    env.pop("SKYLAB_DEVICE", None)
-    return subprocess.run(
-        [sys.executable, "train.py"],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def test_cpu_profile_trains_and_reports(tmp_path: Path, data_dir: Path) -> None:
-    result = run_train(cpu_experiment(tmp_path / "exp"), data_dir, budget=3)
+def run_train(
+    workdir: Path,
+    data_dir: Path,
+    budget: float,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Ran:
+    """`python train.py` in WORKDIR, run in this process: torch is imported already, and
+    importing it again in a fresh interpreter costs more than the training itself."""
+    monkeypatch.setenv("SKYLAB_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("SKYLAB_TIME_BUDGET", str(budget))
+    monkeypatch.delenv("SKYLAB_DEVICE", raising=False)
+    monkeypatch.chdir(workdir)
+    monkeypatch.syspath_prepend(str(workdir))
+    capsys.readouterr()
+    sys.modules.pop("prepare", None)  # train.py must import the copy next to it
+    try:
+        runpy.run_path(str(workdir / "train.py"), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    finally:
+        sys.modules.pop("prepare", None)
+    captured = capsys.readouterr()
+    return Ran(code, captured.out, captured.err)
+
+
+def test_cpu_profile_trains_and_reports(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: CaptureFixture[str]
+) -> None:
+    result = run_train(cpu_experiment(tmp_path / "exp"), data_dir, 3, monkeypatch, capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
 
@@ -116,9 +140,12 @@ def test_cpu_profile_trains_and_reports(tmp_path: Path, data_dir: Path) -> None:
     assert find_metric(result.stdout, pattern) == f"{summary['val_bpb']:.6f}"
 
 
-def test_diverging_loss_aborts_with_status_1(tmp_path: Path, data_dir: Path) -> None:
+def test_diverging_loss_aborts_with_status_1(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: CaptureFixture[str]
+) -> None:
     # Any real loss is above 0.0: the very first step counts as an explosion.
-    result = run_train(cpu_experiment(tmp_path / "exp", MAX_LOSS=0.0), data_dir, budget=30)
+    workdir = cpu_experiment(tmp_path / "exp", MAX_LOSS=0.0)
+    result = run_train(workdir, data_dir, 30, monkeypatch, capsys)
     assert result.returncode == 1
     assert "diverged" in result.stderr
     assert "---" not in result.stdout.splitlines()

@@ -57,7 +57,7 @@ def write_toy_experiment(root: Path, sweep: str, extra: str = "") -> Path:
         time_budget_seconds = 1
 
         [constraints]
-        max_trial_wall_time = 20
+        max_trial_wall_time = 120
         max_consecutive_failures = 2
 
         [prepare]
