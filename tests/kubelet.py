@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from emulator import KubeEmulator
 from operator_harness import OperatorThread, create, names, patch_status, stored
 from skylab.controller.kubeapi import KubeApi, load_client
 from skylab.controller.main import Operator, build_operator
 from skylab.controller.settings import OperatorSettings
+from skylab.store import Store
 from skylab_trainer.report import TrialReport, TrialStatus
+from toy_experiment import write_toy_experiment
 
 GROUP_VERSION = "skylab.dev/v1alpha1"
 CAMPAIGNS, TRIALS = f"{GROUP_VERSION}/campaigns", f"{GROUP_VERSION}/trials"
@@ -158,6 +162,48 @@ async def kubelet(
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
+
+
+# Seconds to wait for a whole campaign: generous, the emulator shares two slow cores.
+SLOW = 300
+GRID = """
+[strategy.sweep.parameters.LR]
+values = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+"""
+
+
+@pytest.fixture(name="settings")
+def settings_fixture(tmp_path: Path, database_url: str) -> OperatorSettings:
+    """The operator's settings for a test: the toy experiment bundled, a fresh database."""
+    experiments = tmp_path / "experiments"
+    write_toy_experiment(experiments / "toy", GRID)
+    return operator_settings(tmp_path, database_url, experiments)
+
+
+def status(kube: KubeEmulator, resource: str, name: str) -> dict[str, Any]:
+    body = stored(kube, resource, NAMESPACE, name)
+    return (body or {}).get("status") or {}
+
+
+def phase_is(kube: KubeEmulator, name: str, phase: str) -> bool:
+    return status(kube, CAMPAIGNS, name).get("phase") == phase
+
+
+def condition(kube: KubeEmulator, campaign: str, kind: str) -> dict[str, Any]:
+    """The Campaign's condition of type KIND."""
+    return next(c for c in status(kube, CAMPAIGNS, campaign)["conditions"] if c["type"] == kind)
+
+
+def active_jobs(kube: KubeEmulator) -> list[str]:
+    return [j for j in names(kube, JOBS, NAMESPACE) if status(kube, JOBS, j).get("active")]
+
+
+def rows(database_url: str, campaign: str) -> list[tuple[int, str, bool | None, float | None]]:
+    """The campaign's trials in PostgreSQL: (number, status, kept, metric)."""
+    with Store.connect(database_url) as store:
+        record = store.get_campaign(f"{NAMESPACE}/{campaign}")
+        assert record is not None
+        return [(t.number, t.status, t.kept, t.metric) for t in store.trials(record.id)]
 
 
 def operator_settings(tmp_path: Path, database_url: str, experiments: Path) -> OperatorSettings:

@@ -6,27 +6,31 @@ the operator creates to an outcome they choose, and check what the operator make
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from emulator import KubeEmulator
-from kubelet import (
+from kubelet import (  # noqa: F401  # the settings fixture registers under its own name
     CAMPAIGNS,
     JOBS,
     NAMESPACE,
     SERVICES,
+    SLOW,
     TRIALS,
     Outcome,
+    active_jobs,
+    condition,
     kubelet,
-    operator_settings,
+    phase_is,
+    rows,
     running_operator,
+    settings_fixture,
+    status,
     success,
     sweep_campaign,
 )
 from operator_harness import (  # noqa: F401  # fixtures register under their own names
-    OperatorThread,
     create,
     eventually,
     kmock_options_fixture,
@@ -36,39 +40,8 @@ from operator_harness import (  # noqa: F401  # fixtures register under their ow
 )
 from skylab.controller.settings import OperatorSettings
 from skylab.store import Store
-from toy_experiment import write_toy_experiment
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(900)]
-# Seconds to wait for a whole campaign: generous, the emulator shares two slow cores.
-SLOW = 300
-
-GRID = """
-[strategy.sweep.parameters.LR]
-values = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-"""
-
-
-@pytest.fixture
-def settings(tmp_path: Path, database_url: str) -> OperatorSettings:
-    experiments = tmp_path / "experiments"
-    write_toy_experiment(experiments / "toy", GRID)
-    return operator_settings(tmp_path, database_url, experiments)
-
-
-def status(kube: KubeEmulator, resource: str, name: str) -> dict[str, Any]:
-    body = stored(kube, resource, NAMESPACE, name)
-    return (body or {}).get("status") or {}
-
-
-def phase_is(kube: KubeEmulator, name: str, phase: str) -> bool:
-    return status(kube, CAMPAIGNS, name).get("phase") == phase
-
-
-def rows(database_url: str, campaign: str) -> list[tuple[int, str, bool | None, float | None]]:
-    with Store.connect(database_url) as store:
-        record = store.get_campaign(f"{NAMESPACE}/{campaign}")
-        assert record is not None
-        return [(t.number, t.status, t.kept, t.metric) for t in store.trials(record.id)]
 
 
 async def test_a_sweep_campaign_runs_to_succeeded_keeping_what_improves(
@@ -98,7 +71,7 @@ async def test_a_sweep_campaign_runs_to_succeeded_keeping_what_improves(
     assert final["counts"] == {"total": 4, "running": 0, "succeeded": 4, "failed": 0, "kept": 3}
     assert final["best"]["trial"] == "sweep-0004" and final["best"]["value"] == 0.85
     assert final["baseline"]["value"] == 1.0
-    complete = next(c for c in final["conditions"] if c["type"] == "Complete")
+    complete = condition(kube, "sweep", "Complete")
     assert (complete["status"], complete["reason"]) == ("True", "MaxTrials")
 
 
@@ -106,10 +79,6 @@ def job(kube: KubeEmulator, name: str) -> dict[str, Any]:
     body = stored(kube, JOBS, NAMESPACE, name)
     assert body is not None, f"no Job {name}"
     return body
-
-
-def active_jobs(kube: KubeEmulator) -> list[str]:
-    return [j for j in names(kube, JOBS, NAMESPACE) if status(kube, JOBS, j).get("active")]
 
 
 async def test_parallelism_keeps_exactly_that_many_jobs_running(
@@ -143,9 +112,13 @@ async def test_parallelism_keeps_exactly_that_many_jobs_running(
                 return [p.step for p in store.progress(running.id)] == [1, 2]
 
             await eventually(progress_recorded, timeout=SLOW)
-        metrics = operator.metrics.render().decode()
-        assert 'skylab_trials{phase="Running"} 3.0' in metrics
-        assert 'skylab_campaigns{phase="Running"} 1.0' in metrics
+
+        # the gauges follow the Trials' status, which follows the Jobs
+        def gauges() -> str:
+            return operator.metrics.render().decode()
+
+        await eventually(lambda: 'skylab_trials{phase="Running"} 3.0' in gauges(), timeout=SLOW)
+        assert 'skylab_campaigns{phase="Running"} 1.0' in gauges()
 
 
 async def test_a_multi_gpu_trial_runs_torchrun_with_gpu_requests(
