@@ -17,10 +17,9 @@ ensure_venv() {
       "$python" -m venv .venv
     fi
   fi
+  recent_pip "$python"
   # --no-compile: byte-compiling all of torch at install time costs minutes.
-  local pip=(.venv/bin/python -m pip)
-  .venv/bin/python -m pip --version >/dev/null 2>&1 || pip=("$python" -m pip --python .venv/bin/python)
-  pip+=(install --quiet --no-compile --disable-pip-version-check)
+  local pip=(.venv/bin/python -m pip install --quiet --no-compile --disable-pip-version-check)
   local packages=(-e ".[$extras]")
   if ! .venv/bin/python -c 'import importlib.util as u; exit(u.find_spec("torch") is None)'; then
     # Pinned in the same resolution, so the dependencies never pull a CUDA build of torch
@@ -32,6 +31,20 @@ ensure_venv() {
   # than inside the first trial's wall-clock limit.
   .venv/bin/python -c 'import torch, torch.nn.functional, numpy, pyarrow.parquet, tiktoken'
   touch "$stamp"
+}
+
+# pip 25 and newer resolve skylab's 80-odd dependencies several times faster than the pip
+# Python 3.11 bundles (4 minutes against 22 on a busy 2-core machine): put one in .venv.
+recent_pip() {
+  local version
+  version=$(.venv/bin/python -m pip --version 2>/dev/null | cut -d' ' -f2) || version=""
+  [ -n "$version" ] && [ "${version%%.*}" -ge 25 ] && return 0
+  local upgrade=(install --quiet --disable-pip-version-check "pip>=25")
+  if [ -n "$version" ]; then
+    .venv/bin/python -m pip "${upgrade[@]}"
+  else
+    "$1" -m pip --python .venv/bin/python "${upgrade[@]}"
+  fi
 }
 
 # pip >= 22.3 installs into another interpreter's environment with --python.
