@@ -6,8 +6,11 @@ the operator creates to an outcome they choose, and check what the operator make
 
 from __future__ import annotations
 
+import asyncio
+from threading import Event
 from typing import Any
 
+import kopf
 import pytest
 
 from emulator import KubeEmulator
@@ -31,13 +34,17 @@ from kubelet import (  # noqa: F401  # the settings fixture registers under its 
     sweep_campaign,
 )
 from operator_harness import (  # noqa: F401  # fixtures register under their own names
+    OperatorThread,
     create,
     eventually,
     kmock_options_fixture,
     kube_fixture,
     names,
+    patch_status,
     stored,
 )
+from skylab.controller.kubeapi import KubeApi, load_client
+from skylab.controller.main import Health, build_operator
 from skylab.controller.settings import OperatorSettings
 from skylab.store import Store
 
@@ -159,3 +166,72 @@ async def test_a_two_node_trial_gets_an_indexed_job_and_a_headless_service(
     rank = env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert "job-completion-index" in rank
     assert env["SKYLAB_COMMAND"]["value"] == "torchrun train.py"
+
+
+async def set_suspend(kube: KubeEmulator, name: str, suspend: bool) -> None:
+    """What Kueue does to a Job: unsuspend it to admit it, suspend it again to evict it."""
+    path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{name}"
+    headers = {"Content-Type": "application/merge-patch+json"}
+    async with kube.patch(path, json={"spec": {"suspend": suspend}}, headers=headers) as response:
+        assert response.status == 200
+
+
+def trial_phase(kube: KubeEmulator, name: str) -> str | None:
+    return status(kube, TRIALS, name).get("phase")
+
+
+async def test_a_kueue_trial_waits_queued_and_an_eviction_is_not_a_failure(
+    kube: KubeEmulator, settings: OperatorSettings, database_url: str
+) -> None:
+    evicted = Event()
+
+    def script(number: int) -> Outcome | None:
+        if number == 2 and not evicted.is_set():
+            return None  # runs until evicted and admitted again
+        return success(1.0 - number / 10)
+
+    campaign = sweep_campaign("kq", budget={"maxTrials": 2}, trialTemplate={"queueName": "gpus"})
+    async with running_operator(kube, settings), kubelet(kube, script):
+        await create(kube, CAMPAIGNS, campaign)
+        await eventually(lambda: trial_phase(kube, "kq-0001") == "Queued", timeout=SLOW)
+        held = job(kube, "kq-0001")
+        assert held["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+        assert held["spec"]["suspend"] is True
+        await set_suspend(kube, "kq-0001", False)
+        await eventually(lambda: stored(kube, JOBS, NAMESPACE, "kq-0002"), timeout=SLOW)
+        assert status(kube, TRIALS, "kq-0001")["decision"] == "Kept"
+
+        await set_suspend(kube, "kq-0002", False)
+        await eventually(lambda: trial_phase(kube, "kq-0002") == "Running", timeout=SLOW)
+        await set_suspend(kube, "kq-0002", True)  # evicted: the pod goes, the Job waits
+        await patch_status(kube, JOBS, NAMESPACE, "kq-0002", {"active": 0, "ready": 0})
+        await eventually(lambda: trial_phase(kube, "kq-0002") == "Queued", timeout=SLOW)
+        evicted.set()
+        await set_suspend(kube, "kq-0002", False)
+        await eventually(lambda: phase_is(kube, "kq", "Succeeded"), timeout=SLOW)
+    assert rows(database_url, "kq") == [(1, "success", True, 0.9), (2, "success", True, 0.8)]
+    assert names(kube, JOBS, NAMESPACE) == ["kq-0001", "kq-0002"]
+
+
+async def test_health_endpoints_answer_once_kopf_runs_and_postgresql_answers(
+    kube: KubeEmulator, settings: OperatorSettings
+) -> None:
+    operator = await asyncio.to_thread(build_operator, KubeApi(load_client()), settings)
+    health = Health(operator.stores)
+    routes = health.routes(operator.metrics)
+    assert routes["/healthz"]()[0] == 503 and routes["/readyz"]()[0] == 503  # not started
+    kopf.on.startup(registry=operator.registry)(health.started)
+    thread = OperatorThread(operator.registry)
+    thread.start()
+    try:
+        await thread.wait_for_watches(kube, [CAMPAIGNS, TRIALS, JOBS])
+        live = await asyncio.to_thread(routes["/healthz"])
+        ready = await asyncio.to_thread(routes["/readyz"])
+        assert (live[0], live[2]) == (200, b"ok\n")
+        assert (ready[0], ready[2]) == (200, b"ok\n")
+        assert b"skylab_handler_errors" in routes["/metrics"]()[2]
+    finally:
+        await thread.stop(timeout=120)
+    # the loop is gone: liveness fails, and the kubelet would restart the pod
+    assert routes["/healthz"]()[0] == 503
+    operator.stores.close()

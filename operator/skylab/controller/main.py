@@ -51,7 +51,8 @@ class Health:
         self.stores = stores
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def started(self, **_: Any) -> None:
+    async def started(self, **_: Any) -> None:
+        # async: kopf runs a sync handler in a worker thread, which has no running loop.
         self.loop = asyncio.get_running_loop()
 
     def routes(self, metrics: Metrics) -> dict[str, Route]:
