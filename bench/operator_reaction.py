@@ -36,6 +36,7 @@ from kubelet import (  # noqa: E402
     NAMESPACE,
     end_job,
     operator_settings,
+    phase_is,
     running_operator,
     success,
     sweep_campaign,
@@ -45,7 +46,6 @@ from operator_harness import (  # noqa: E402
     declare_resources,
     names,
     point_clients_at,
-    stored,
 )
 from skylab.store.embedded import embedded_postgres  # noqa: E402
 from toy_experiment import write_toy_experiment  # noqa: E402
@@ -102,17 +102,12 @@ async def measure(campaigns: int, trials: int, workdir: Path, database_url: str)
                     body = sweep_campaign(f"bench{index}", budget={"maxTrials": trials})
                     await create(kube, CAMPAIGNS, body)
                 while not all(
-                    _phase(kube, f"bench{index}") == "Succeeded" for index in range(campaigns)
+                    phase_is(kube, f"bench{index}", "Succeeded") for index in range(campaigns)
                 ):
                     await asyncio.sleep(0.05)
                 elapsed = time.monotonic() - started
             player.cancel()
     report(kubelet, campaigns, trials, elapsed)
-
-
-def _phase(kube: KubeEmulator, name: str) -> str | None:
-    body = stored(kube, CAMPAIGNS, NAMESPACE, name)
-    return ((body or {}).get("status") or {}).get("phase")
 
 
 def report(kubelet: InstantKubelet, campaigns: int, trials: int, elapsed: float) -> None:
