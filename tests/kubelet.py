@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -250,3 +251,60 @@ def sweep_campaign(name: str, **spec: Any) -> dict[str, Any]:
             **spec,
         },
     }
+
+
+class Killed(Exception):
+    """The operator process is gone: nothing it would have done next happens."""
+
+
+# Every KubeApi method the operator calls; a dead operator's calls all fail.
+API_METHODS = (
+    "get_campaign",
+    "patch_campaign_status",
+    "list_trials",
+    "get_trial",
+    "patch_trial_status",
+    "create",
+    "get_job",
+    "list_pods",
+    "pod_log",
+    "read_secret_key",
+)
+
+
+class Death(threading.Event):
+    """Set when the operator dies: its kopf thread is told to stop too."""
+
+    def __init__(self, thread: OperatorThread) -> None:
+        super().__init__()
+        self.thread = thread
+
+    def set(self) -> None:
+        super().set()
+        self.thread.stop_flag.set()
+
+
+def mortal(operator: Operator, thread: OperatorThread) -> Death:
+    """Once the returned event is set, every call OPERATOR makes fails, as if it had died."""
+    dead = Death(thread)
+    api = operator.campaigns.api
+
+    def guard(method: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if dead.is_set():
+                raise Killed(method)
+            return original(*args)
+
+        return call
+
+    for method in API_METHODS:
+        setattr(api, method, guard(method, getattr(api, method)))
+    get_store = operator.stores.get
+
+    def store() -> Store:
+        if dead.is_set():
+            raise Killed("database")
+        return get_store()
+
+    operator.stores.get = store  # type: ignore[method-assign]
+    return dead

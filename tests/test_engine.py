@@ -134,27 +134,47 @@ def _baseline_then(*statuses: str) -> list[TrialView]:
             _baseline_then("success", "success"),
             Limits(max_trials=3),
             0.0,
-            False,
+            None,
             StopReason.MAX_TRIALS,
         ),
-        (_baseline_then(), Limits(budget_seconds=60), 60.0, False, StopReason.BUDGET_SPENT),
+        (_baseline_then(), Limits(budget_seconds=60), 60.0, None, StopReason.BUDGET_SPENT),
         (
             _baseline_then("crash", "timeout", "crash"),
             Limits(max_consecutive_failures=3),
             0.0,
-            False,
+            None,
             StopReason.CONSECUTIVE_FAILURES,
         ),
-        (_baseline_then(), Limits(), 0.0, True, StopReason.STRATEGY_EXHAUSTED),
+        (
+            # A skipped proposal makes no progress: it extends a failure streak.
+            _baseline_then("crash", "skipped", "skipped"),
+            Limits(max_consecutive_failures=3),
+            0.0,
+            None,
+            StopReason.CONSECUTIVE_FAILURES,
+        ),
+        (_baseline_then(), Limits(), 0.0, "nothing left", StopReason.STRATEGY_EXHAUSTED),
     ],
 )
 def test_stop_reasons(
-    trials: list[TrialView], limits: Limits, elapsed: float, exhausted: bool, reason: StopReason
+    trials: list[TrialView],
+    limits: Limits,
+    elapsed: float,
+    exhausted: str | None,
+    reason: StopReason,
 ) -> None:
     action = next_action(trials, limits, MIN, elapsed, exhausted)
     assert isinstance(action, Stop)
     assert action.reason is reason
     assert action.message
+    if exhausted is not None:
+        assert action.message == exhausted
+
+
+def test_a_success_ends_a_streak_of_skipped_proposals() -> None:
+    trials = _baseline_then("skipped", "skipped", "success", "skipped")
+    action = next_action(trials, Limits(max_consecutive_failures=2), MIN, 0.0)
+    assert isinstance(action, Propose)
 
 
 @pytest.mark.parametrize(
@@ -207,13 +227,13 @@ def test_plan_counts_running_trials_toward_max_trials() -> None:
 @pytest.mark.parametrize(
     ("limits", "elapsed", "exhausted"),
     [
-        (Limits(budget_seconds=60), 61.0, False),
-        (Limits(max_consecutive_failures=2), 0.0, False),
-        (Limits(), 0.0, True),
+        (Limits(budget_seconds=60), 61.0, None),
+        (Limits(max_consecutive_failures=2), 0.0, None),
+        (Limits(), 0.0, "nothing left"),
     ],
 )
 def test_plan_waits_for_running_trials_before_it_stops(
-    limits: Limits, elapsed: float, exhausted: bool
+    limits: Limits, elapsed: float, exhausted: str | None
 ) -> None:
     trials = [*_baseline_then("crash", "crash"), _trial(4, "running")]
     assert plan(trials, limits, MIN, elapsed, parallelism=2, strategy_exhausted=exhausted) == []

@@ -1,13 +1,22 @@
-"""End to end: `skylab prepare` and `skylab run` of the real gpt-pretrain at its cpu profile."""
+"""End to end: `skylab prepare` and `skylab run` of the real gpt-pretrain at its cpu profile,
+with the sweep strategy and with the LLM strategy against the fake Messages API."""
 
 from __future__ import annotations
 
 import csv
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
+# Imported at collection: the SDK takes minutes to import on a small machine, which
+# must not count against a test's timeout.
+import anthropic  # noqa: F401
 import pytest
+from tests.fake_anthropic import FakeAnthropic
+from tests.scripted_model import Proposals, call, done, last_user_text, set_constant
 from tests.toy_experiment import skylab
 
+from skylab.cli import main
 from skylab.store import Store
 
 # Minutes of real training on a small machine: more than the default per-test timeout.
@@ -16,7 +25,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_a_sweep_of_the_real_experiment(tmp_path: Path, database_url: str) -> None:
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A skylab home with gpt-pretrain's cpu profile prepared, shared by the campaigns."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
     home = tmp_path / "home"
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -35,7 +47,10 @@ def test_a_sweep_of_the_real_experiment(tmp_path: Path, database_url: str) -> No
         timeout=900,
     )
     assert prepared.returncode == 0, prepared.stderr + prepared.stdout
+    return home
 
+
+def test_a_sweep_of_the_real_experiment(tmp_path: Path, home: Path, database_url: str) -> None:
     ran = skylab(
         "run",
         "gpt-pretrain",
@@ -92,3 +107,63 @@ def test_a_sweep_of_the_real_experiment(tmp_path: Path, database_url: str) -> No
     rows = list(csv.reader(export.open(), delimiter="\t"))
     assert rows[0] == ["commit", "val_bpb", "memory_gb", "status", "description"]
     assert [row[3] for row in rows[1:]] == ["keep" if t.kept else "discard" for t in trials]
+
+
+KEY = "sk-ant-e2e-0123456789"
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAnthropic]:
+    with FakeAnthropic(api_key=KEY) as fake:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
+        yield fake
+
+
+def test_an_llm_campaign_of_the_real_experiment(
+    capsys: pytest.CaptureFixture[str], home: Path, database_url: str, server: FakeAnthropic
+) -> None:
+    broken = {"old_str": "WARMDOWN_RATIO = 0.5", "new_str": "WARMDOWN_RATIO = (0.3"}
+    fixed = {"old_str": "WARMDOWN_RATIO = (0.3", "new_str": "WARMDOWN_RATIO = 0.3"}
+    server.script = Proposals(
+        [set_constant("MATRIX_LR", "0.02"), done("MATRIX_LR 0.04 -> 0.02")],
+        [
+            call(command="str_replace", path="train.py", **broken),
+            done("WARMDOWN_RATIO 0.5 -> 0.3"),
+            call(command="str_replace", path="train.py", **fixed),
+            done("WARMDOWN_RATIO 0.5 -> 0.3"),
+        ],
+    )
+    # In-process: the pytest worker has imported the SDK already.
+    args = ["run", "gpt-pretrain", "--profile", "cpu", "--strategy", "llm", "--tag", "llm"]
+    code = main([*args, "--max-trials", "3", "--home", str(home), "--database-url", database_url])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "ran the maximum of 3 trials" in err
+
+    with Store.connect(database_url) as store:
+        campaign = store.get_campaign("llm")
+        assert campaign is not None and campaign.status == "succeeded"
+        trials = store.trials(campaign.id)
+    assert [t.status for t in trials] == ["success"] * 3
+    assert [t.description for t in trials] == [
+        "baseline",
+        "MATRIX_LR 0.04 -> 0.02",
+        "WARMDOWN_RATIO 0.5 -> 0.3",
+    ]
+    best = trials[0].metric
+    assert best is not None
+    for trial in trials[1:]:
+        assert trial.metric is not None
+        assert trial.kept == (trial.metric < best), trial
+        best = trial.metric if trial.kept else best
+        assert trial.usage.output_tokens > 0 and trial.usage.cost_usd > 0
+    assert "+MATRIX_LR = 0.02" in trials[1].diff
+    assert "+WARMDOWN_RATIO = 0.3" in trials[2].diff and "(0.3" not in trials[2].diff
+    requests = [r.body for r in server.messages_requests()]
+    assert any("train.py does not compile" in last_user_text(r) for r in requests)
+    # The prompt each proposal starts from: printed for the record, bounded by design.
+    firsts = [r for r in requests if len(r["messages"]) == 1]
+    sizes = [len(json.dumps(r)) for r in firsts]
+    print(f"first-request sizes per proposal (bytes): {sizes}")
+    assert len(firsts) == 2 and all(size < 60_000 for size in sizes)

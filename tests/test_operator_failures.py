@@ -20,12 +20,14 @@ from kubelet import (  # noqa: F401  # the settings fixture registers under its 
     NAMESPACE,
     SLOW,
     TRIALS,
+    Killed,
     Outcome,
     active_jobs,
     condition,
     crash,
     deadline_exceeded,
     kubelet,
+    mortal,
     oom_killed,
     phase_is,
     raw_report,
@@ -203,10 +205,6 @@ async def test_a_missing_api_key_secret_fails_the_campaign(
     assert failed["reason"] == "SecretNotFound" and "'anthropic'" in failed["message"]
 
 
-class Killed(Exception):
-    """The operator process is gone: nothing it would have done next happens."""
-
-
 # Where a trial's life can be cut: (KubeApi method, whether it completes, which call).
 BOUNDARIES: dict[str, tuple[str, bool, Callable[..., bool]]] = {
     "trial-created": ("create", True, lambda manifest: manifest["kind"] == "Trial"),
@@ -227,54 +225,27 @@ BOUNDARIES: dict[str, tuple[str, bool, Callable[..., bool]]] = {
         lambda namespace, name, status: "decision" in status,
     ),
 }
-API_METHODS = (
-    "get_campaign",
-    "patch_campaign_status",
-    "list_trials",
-    "get_trial",
-    "patch_trial_status",
-    "create",
-    "get_job",
-    "list_pods",
-    "pod_log",
-    "read_secret_key",
-)
 
 
 def kill_at(operator: Operator, thread: OperatorThread, boundary: str, trial: str) -> Event:
     """Make OPERATOR die at BOUNDARY of TRIAL: every later call it makes fails."""
     target, completes, matches = BOUNDARIES[boundary]
-    dead = Event()
+    dead = mortal(operator, thread)
     api = operator.campaigns.api
+    original = getattr(api, target)
 
-    def guard(method: str, original: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any) -> Any:
-            if dead.is_set():
-                raise Killed(method)
-            hit = method == target and matches(*args) and trial in json.dumps(args)
-            if hit and not completes:
-                dead.set()
-                thread.stop_flag.set()
-                raise Killed(method)
-            result = original(*args)
-            if hit:
-                dead.set()
-                thread.stop_flag.set()
-                raise Killed(method)
-            return result
+    def call(*args: Any) -> Any:
+        hit = matches(*args) and trial in json.dumps(args)
+        if hit and not completes:
+            dead.set()
+            raise Killed(target)
+        result = original(*args)
+        if hit:
+            dead.set()
+            raise Killed(target)
+        return result
 
-        return call
-
-    for method in API_METHODS:
-        setattr(api, method, guard(method, getattr(api, method)))
-    get_store = operator.stores.get
-
-    def store() -> Store:
-        if dead.is_set():
-            raise Killed("database")
-        return get_store()
-
-    operator.stores.get = store  # type: ignore[method-assign]
+    setattr(api, target, call)
     return dead
 
 

@@ -24,7 +24,7 @@ from skylab.store import (
 from skylab.store.embedded import embedded_postgres
 from skylab.store.migrate import MigrationError, available, migrate
 from skylab.store.url import URL_VARIABLE
-from skylab.strategies.base import Usage
+from skylab.strategies.base import Skipped, Usage
 from skylab_trainer.progress import Progress
 from skylab_trainer.report import TrialReport, TrialStatus
 
@@ -187,6 +187,27 @@ def test_a_trial_is_found_by_its_number(store: Store) -> None:
     found = store.get_trial(campaign.id, 3)
     assert found is not None and (found.id, found.number) == (trial_id, 3)
     assert store.get_trial(campaign.id, 4) is None
+
+
+def test_a_skipped_proposal_is_a_finished_trial_that_keeps_its_usage(store: Store) -> None:
+    campaign = _campaign(store)
+    _finish(store, campaign.id, 1, 1.0, kept=True)
+    usage = Usage(10, 20, 30, 40, 0.25)
+    skipped = Skipped("LR 0.2", "You made no change", "I tried", usage)
+    row = store.record_skipped(
+        campaign.id, 2, parent_commit=f"{1:040x}", strategy="llm", skipped=skipped
+    )
+    assert (row.status, row.kept, row.finished_at is not None) == ("skipped", False, True)
+    assert (row.commit, row.parent_commit) == (f"{1:040x}", f"{1:040x}")
+    assert (row.description, row.message, row.rationale) == (
+        "LR 0.2",
+        "You made no change",
+        "I tried",
+    )
+    assert row.usage == usage and row.past().usage == usage
+    assert store.mark_running_trials_killed(campaign.id, "stopped") == []
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        _start(store, campaign.id, 2)
 
 
 def test_a_trial_round_trips_every_field(store: Store, database_url: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 from skylab.config import ExperimentConfig, load_experiment
 from skylab.errors import UserError
 from skylab.strategies import STRATEGIES, build_strategy
-from skylab.strategies.base import PastTrial, Proposal, ProposalContext
+from skylab.strategies.base import Exhausted, PastTrial, Proposal, ProposalContext
 from skylab.strategies.constants import read_constants
 from skylab.strategies.sweep import RANDOM_DRAWS, SweepStrategy
 
@@ -83,7 +83,7 @@ def propose_all(config: ExperimentConfig, history: Sequence[PastTrial] = ()) -> 
     strategy = build_strategy("sweep", config)
     trials = list(history)
     proposals: list[Proposal] = []
-    while (proposal := strategy.propose(context(config, trials))) is not None:
+    while isinstance(proposal := strategy.propose(context(config, trials)), Proposal):
         proposals.append(proposal)
         trials.append(past(len(trials) + 1, dict(proposal.params)))
         assert len(proposals) <= RANDOM_DRAWS, "the sweep never ends"
@@ -130,7 +130,7 @@ def test_proposal_edits_only_the_swept_values(tmp_path: Path) -> None:
 
     proposal = build_strategy("sweep", config).propose(context(config))
 
-    assert proposal is not None
+    assert isinstance(proposal, Proposal)
     assert len(proposal.edits) == 1
     assert proposal.edits[0].path == "train.py"
     assert proposal.edits[0].content == TRAIN.replace("DEPTH = 8  #", "DEPTH = 4  #")
@@ -142,7 +142,7 @@ def test_points_are_judged_against_the_parent_commit(tmp_path: Path) -> None:
 
     proposal = build_strategy("sweep", config).propose(context(config, source=parent))
 
-    assert proposal is not None
+    assert isinstance(proposal, Proposal)
     assert proposal.params == {"DEPTH": 8}
     assert read_constants(proposal.edits[0].content)["DEPTH"] == 8
 
@@ -150,7 +150,9 @@ def test_points_are_judged_against_the_parent_commit(tmp_path: Path) -> None:
 def test_no_point_that_changes_the_file_means_nothing_to_propose(tmp_path: Path) -> None:
     config = make_config(tmp_path, sweep_table("DEPTH = { values = [8] }"))
 
-    assert build_strategy("sweep", config).propose(context(config)) is None
+    assert build_strategy("sweep", config).propose(context(config)) == Exhausted(
+        "the sweep has tried every point of its grid"
+    )
 
 
 def test_finished_trials_are_skipped_and_killed_ones_retried(tmp_path: Path) -> None:
@@ -160,7 +162,7 @@ def test_finished_trials_are_skipped_and_killed_ones_retried(tmp_path: Path) -> 
 
     def next_params(*history: PastTrial) -> Any:
         proposal = strategy.propose(context(config, history))
-        assert proposal is not None
+        assert isinstance(proposal, Proposal)
         return proposal.params
 
     assert next_params(past(1, first, status="crash")) == {"DEPTH": 4, "ACTIVATION": "gelu"}
@@ -228,7 +230,7 @@ def test_random_points_are_drawn_from_the_space(tmp_path: Path) -> None:
     rationales: list[str] = []
     for number in range(1, 41):
         proposal = strategy.propose(context(config, history))
-        assert proposal is not None
+        assert isinstance(proposal, Proposal)
         history.append(past(number, dict(proposal.params)))
         rationales.append(proposal.rationale)
 
@@ -251,7 +253,7 @@ def test_random_is_reproducible_from_seed_plus_history_length(tmp_path: Path) ->
         assert settings is not None
         strategy = SweepStrategy(settings.model_copy(update={"seed": seed}))
         result = strategy.propose(context(config, history))
-        assert result is not None
+        assert isinstance(result, Proposal)
         return result.params
 
     # A resumed campaign with the same history proposes the same point...
@@ -345,13 +347,13 @@ def test_build_strategy_needs_a_sweep_table(tmp_path: Path) -> None:
 def test_build_strategy_refuses_unknown_names(tmp_path: Path) -> None:
     config = make_config(tmp_path, GRID)
 
-    with pytest.raises(UserError, match=r"^unknown strategy 'annealing' \(known: sweep\)$"):
+    with pytest.raises(UserError, match=r"^unknown strategy 'annealing' \(known: sweep, llm\)$"):
         build_strategy("annealing", config)
 
 
 def test_build_strategy_gives_a_sweep(tmp_path: Path) -> None:
     strategy = build_strategy("sweep", make_config(tmp_path, GRID))
 
-    assert STRATEGIES == ("sweep",)
+    assert STRATEGIES == ("sweep", "llm")
     assert isinstance(strategy, SweepStrategy)
     assert strategy.name == "sweep"

@@ -209,6 +209,9 @@ def _history(args: argparse.Namespace) -> int:
         f"{campaign.status}{reason}"
     )
     print(history.format_table(trials, metric))
+    spend = history.usage_line(trials)
+    if spend is not None:
+        print(spend)
     return 0
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-Status = str  # running | success | crash | timeout | killed
+Status = str  # running | success | crash | timeout | killed | skipped
 FAILED: frozenset[str] = frozenset({"crash", "timeout"})
+# A skipped proposal spent no GPU time but made no progress either: it breaks no streak.
+UNPRODUCTIVE: frozenset[str] = FAILED | {"skipped"}
 
 
 class StopReason(StrEnum):
@@ -22,6 +24,7 @@ class StopReason(StrEnum):
     CONSECUTIVE_FAILURES = "consecutive_failures"
     STRATEGY_EXHAUSTED = "strategy_exhausted"
     BASELINE_FAILED = "baseline_failed"
+    STRATEGY_FAILED = "strategy_failed"
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def next_action(
     limits: Limits,
     objective: Objective,
     elapsed_seconds: float,
-    strategy_exhausted: bool = False,
+    strategy_exhausted: str | None = None,
 ) -> Action:
     """What to do next, one trial at a time, with no trial running."""
     actions = plan(
@@ -150,12 +153,13 @@ def plan(
     elapsed_seconds: float,
     *,
     parallelism: int = 1,
-    strategy_exhausted: bool = False,
+    strategy_exhausted: str | None = None,
 ) -> Stop | list[StartBaseline | Propose]:
     """The trials to start now (none: wait for a running one), or why the campaign ends.
 
     TRIALS is every trial recorded so far, running ones included. A campaign only
     stops once nothing runs: the running trials' outcomes are part of its result.
+    STRATEGY_EXHAUSTED is the strategy's word on why it has nothing left, if so.
     """
     running = [t for t in trials if t.status == "running"]
     settled = [t for t in trials if t.status not in ("running", "killed")]
@@ -188,10 +192,8 @@ def plan(
             StopReason.CONSECUTIVE_FAILURES,
             f"{streak} consecutive trials failed (limit {limits.max_consecutive_failures})",
         )
-    if strategy_exhausted:
-        return stop_or_wait(
-            StopReason.STRATEGY_EXHAUSTED, "the strategy has nothing left to propose"
-        )
+    if strategy_exhausted is not None:
+        return stop_or_wait(StopReason.STRATEGY_EXHAUSTED, strategy_exhausted)
 
     slots = parallelism - len(running)
     if limits.max_trials is not None:
@@ -203,7 +205,7 @@ def plan(
 def _failure_streak(settled: Sequence[TrialView]) -> int:
     streak = 0
     for trial in reversed(settled):
-        if trial.status not in FAILED:
+        if trial.status not in UNPRODUCTIVE:
             break
         streak += 1
     return streak

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from skylab.errors import UserError
 from skylab.store.db import TrialRecord
+from skylab.strategies.base import Usage
 
 NONE = "—"  # a value a trial has not got (yet)
-# results.tsv lists what was tried: killed and running trials were interrupted instead.
+# results.tsv lists what was trained: killed and running trials were interrupted, and
+# skipped proposals never ran.
 _EXPORTED = frozenset({"success", "crash", "timeout"})
 _RIGHT_ALIGNED = frozenset({0, 2, 3, 6})  # the numeric columns of format_table
 
@@ -22,9 +24,21 @@ def decision(trial: TrialRecord) -> str:
 
 
 def format_table(trials: Sequence[TrialRecord], metric_name: str) -> str:
-    """An aligned table of the trials, in number order."""
+    """An aligned table of the trials, in number order; LLM usage columns when there is any."""
+    llm = any(trial.usage.total_tokens for trial in trials)
+    usage_header = ("tokens", "llm_usd") if llm else ()
     rows = [
-        ("#", "commit", metric_name, "memory_gb", "status", "decision", "duration", "description")
+        (
+            "#",
+            "commit",
+            metric_name,
+            "memory_gb",
+            "status",
+            "decision",
+            "duration",
+            *usage_header,
+            "description",
+        )
     ]
     rows += [
         (
@@ -35,19 +49,35 @@ def format_table(trials: Sequence[TrialRecord], metric_name: str) -> str:
             trial.status,
             decision(trial),
             _duration(trial.duration_seconds),
+            *((_tokens(trial.usage.total_tokens), f"{trial.usage.cost_usd:.4f}") if llm else ()),
             _one_line(trial.description),
         )
         for trial in _in_order(trials)
     ]
+    right_aligned = _RIGHT_ALIGNED | ({7, 8} if llm else set())
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = []
     for row in rows:
         cells = [
-            cell.rjust(width) if column in _RIGHT_ALIGNED else cell.ljust(width)
+            cell.rjust(width) if column in right_aligned else cell.ljust(width)
             for column, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def usage_line(trials: Sequence[TrialRecord]) -> str | None:
+    """The campaign's LLM spend in one line, or None when no model was called."""
+    used = [trial.usage for trial in trials if trial.usage.total_tokens]
+    if not used:
+        return None
+    total = sum(used, Usage())
+    return (
+        f"LLM: {len(used)} proposals, {_tokens(total.input_tokens)} input, "
+        f"{_tokens(total.output_tokens)} output, {_tokens(total.cache_read_tokens)} cache-read "
+        f"and {_tokens(total.cache_write_tokens)} cache-write tokens, "
+        f"about ${total.cost_usd:.4f}"
+    )
 
 
 def export_tsv(
@@ -105,6 +135,14 @@ def _duration(seconds: float | None) -> str:
     if total < 3600:
         return f"{total // 60}m{total % 60:02d}s"
     return f"{total // 3600}h{total % 3600 // 60:02d}m"
+
+
+def _tokens(count: int) -> str:
+    if count < 1000:
+        return str(count)
+    if count < 1_000_000:
+        return f"{count / 1000:.1f}k"
+    return f"{count / 1_000_000:.2f}M"
 
 
 def _one_line(text: str) -> str:

@@ -27,13 +27,24 @@ from skylab.home import Home
 from skylab.store import open_database
 from skylab.store.db import CampaignRecord, CampaignStatus, Store, TrialRecord
 from skylab.strategies import build_strategy
-from skylab.strategies.base import Proposal, ProposalContext, Strategy
+from skylab.strategies.base import (
+    Exhausted,
+    Proposal,
+    ProposalContext,
+    Skipped,
+    Strategy,
+    StrategyFailed,
+)
 from skylab.workspace import Workspace
 from skylab_trainer.progress import Progress, parse_progress
 from skylab_trainer.report import TrialReport, TrialStatus
 
 # Stop reasons that mean the campaign did not end well.
-_FAILURE_STOPS = {engine.StopReason.CONSECUTIVE_FAILURES, engine.StopReason.BASELINE_FAILED}
+_FAILURE_STOPS = {
+    engine.StopReason.CONSECUTIVE_FAILURES,
+    engine.StopReason.BASELINE_FAILED,
+    engine.StopReason.STRATEGY_FAILED,
+}
 # Progress rows are written in batches, at most this often.
 _PROGRESS_FLUSH_SECONDS = 2.0
 
@@ -57,9 +68,9 @@ class CampaignInterrupted(Exception):
 def run(request: RunRequest, console: Console) -> CampaignRecord:
     """Run (or resume) a campaign until the engine says stop."""
     config = request.experiment
-    strategy_name = request.strategy or "sweep"
-    # Everything a user can get wrong is checked before anything starts.
-    strategy = build_strategy(strategy_name, config)
+    # Everything a user can get wrong is checked before anything starts; a resumed
+    # campaign's strategy is known once its record is read.
+    strategy = None if request.resume else _strategy(request.strategy or "sweep", config)
     data_dir = request.home.data_dir(config.name)
     with request.home.exclusive():
         if not (data_dir / config.prepare.ready_marker).exists():
@@ -72,31 +83,52 @@ def run(request: RunRequest, console: Console) -> CampaignRecord:
             open_database(request.database_url, request.home.postgres_dir) as url,
             Store.connect(url) as store,
         ):
-            campaign = _open_campaign(store, request, strategy_name)
+            if strategy is None:
+                campaign = _resumed_campaign(store, request)
+                strategy = _strategy(campaign.strategy, config)
+            else:
+                campaign = _new_campaign(store, request, strategy.name)
             loop = _Loop(store, campaign, config, strategy, request, data_dir, console)
             return loop.run()
 
 
-def _open_campaign(store: Store, request: RunRequest, strategy: str) -> CampaignRecord:
+def _strategy(name: str, config: ExperimentConfig) -> Strategy:
+    strategy = build_strategy(name, config)
+    try:
+        strategy.check_access()
+    except StrategyFailed as exc:
+        raise UserError(f"strategy {name}: {exc}") from None
+    return strategy
+
+
+def _resumed_campaign(store: Store, request: RunRequest) -> CampaignRecord:
     config = request.experiment
-    if request.resume:
-        campaign = (
-            store.get_campaign(request.tag) if request.tag else store.latest_campaign(config.name)
+    campaign = (
+        store.get_campaign(request.tag) if request.tag else store.latest_campaign(config.name)
+    )
+    if campaign is None:
+        which = f"campaign {request.tag!r}" if request.tag else f"a campaign of {config.name}"
+        raise UserError(f"--resume: found no {which} to resume")
+    if campaign.experiment != config.name:
+        raise UserError(
+            f"--resume: campaign {campaign.name!r} ran experiment {campaign.experiment!r}, "
+            f"not {config.name!r}"
         )
-        if campaign is None:
-            which = f"campaign {request.tag!r}" if request.tag else f"a campaign of {config.name}"
-            raise UserError(f"--resume: found no {which} to resume")
-        if campaign.experiment != config.name:
-            raise UserError(
-                f"--resume: campaign {campaign.name!r} ran experiment {campaign.experiment!r}, "
-                f"not {config.name!r}"
-            )
-        if campaign.profile != config.profile:
-            raise UserError(
-                f"--profile: campaign {campaign.name!r} was started with profile "
-                f"{campaign.profile!r}; resume it with the same profile"
-            )
-        return campaign
+    if campaign.profile != config.profile:
+        raise UserError(
+            f"--profile: campaign {campaign.name!r} was started with profile "
+            f"{campaign.profile!r}; resume it with the same profile"
+        )
+    if request.strategy is not None and request.strategy != campaign.strategy:
+        raise UserError(
+            f"--strategy: campaign {campaign.name!r} runs strategy {campaign.strategy!r}; "
+            "resume it without --strategy"
+        )
+    return campaign
+
+
+def _new_campaign(store: Store, request: RunRequest, strategy: str) -> CampaignRecord:
+    config = request.experiment
     name = request.tag or f"{config.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     if store.get_campaign(name) is not None:
         raise UserError(f"--tag: campaign {name!r} already exists (use --resume or another tag)")
@@ -167,7 +199,7 @@ class _Loop:
             f"campaign {self.campaign.name}: branch {self.workspace.branch} "
             f"in {self.workspace.git_dir}"
         )
-        exhausted = False
+        exhausted: str | None = None
         try:
             while True:
                 trials = self.store.trials(self.campaign.id)
@@ -184,20 +216,33 @@ class _Loop:
                     proposal = Proposal(description="baseline", edits=())
                     self._run_trial(action.number, self.baseline_commit, None, proposal)
                     continue
-                proposal_or_none = self.strategy.propose(self._context(action, trials))
-                if proposal_or_none is None:
-                    exhausted = True
-                    continue
-                commit = self.workspace.commit_trial(
-                    action.number,
-                    action.parent_commit,
-                    proposal_or_none.edits,
-                    proposal_or_none.description,
-                )
-                self._run_trial(action.number, commit, action.parent_commit, proposal_or_none)
+                try:
+                    found = self.strategy.propose(self._context(action, trials))
+                except StrategyFailed as exc:
+                    message = f"{exc}; continue with `skylab run --resume`"
+                    return self._stop(engine.Stop(engine.StopReason.STRATEGY_FAILED, message))
+                if isinstance(found, Exhausted):
+                    exhausted = found.message
+                elif isinstance(found, Skipped):
+                    self._skip(action, found)
+                else:
+                    commit = self.workspace.commit_trial(
+                        action.number, action.parent_commit, found.edits, found.description
+                    )
+                    self._run_trial(action.number, commit, action.parent_commit, found)
         except KeyboardInterrupt as exc:
             self.store.set_campaign_status(self.campaign.id, "interrupted", "interrupted")
             raise CampaignInterrupted(self.campaign.name) from exc
+
+    def _skip(self, action: engine.Propose, skipped: Skipped) -> None:
+        self.store.record_skipped(
+            self.campaign.id,
+            action.number,
+            parent_commit=action.parent_commit,
+            strategy=self.strategy.name,
+            skipped=skipped,
+        )
+        self.console.say(f"{self.campaign.name}-{action.number:04d} skipped: {skipped.reason}")
 
     def _run_trial(self, number: int, commit: str, parent: str | None, proposal: Proposal) -> None:
         baseline = parent is None

@@ -119,15 +119,29 @@ class SweepSpec(ApiModel):
 
 
 class LLMSpec(ApiModel):
-    model: str = Field(default="claude-sonnet-4-5", min_length=1)
+    """Overrides of experiment.toml's [strategy.llm]; unset fields keep the experiment's."""
+
+    model: str = Field(default="claude-sonnet-4-6", min_length=1)
     api_key_secret: SecretKeyRef = Field(description="the Anthropic API key")
-    base_url: str | None = None
-    max_turns: int = Field(default=20, ge=1, le=200, description="tool turns per proposal")
+    base_url: str | None = Field(default=None, description="another Messages API endpoint")
+    max_turns: int = Field(default=20, ge=1, le=200, description="model requests per proposal")
     max_output_tokens: int = Field(default=8192, ge=256)
     temperature: float | None = Field(default=None, ge=0, le=1)
-    budget_usd: float | None = Field(default=None, gt=0)
+    budget_usd: float | None = Field(default=None, gt=0, description="the campaign's LLM spend")
     budget_tokens: int | None = Field(default=None, gt=0)
-    history_trials: int = Field(default=20, ge=0, description="past trials shown")
+    history_trials: int = Field(default=20, ge=0, le=500, description="past trials shown")
+    max_fix_rounds: int = Field(
+        default=2, ge=0, le=10, description="chances to fix no change, a syntax error, a repeat"
+    )
+    max_retries: int = Field(default=4, ge=0, le=10, description="of 429, 529, 5xx, timeouts")
+    input_usd_per_mtok: float | None = Field(
+        default=None, ge=0, description="price of a model skylab does not know"
+    )
+    output_usd_per_mtok: float | None = Field(default=None, ge=0)
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields the Campaign sets, as experiment.toml names them."""
+        return self.model_dump(exclude_unset=True, exclude={"api_key_secret"})
 
 
 class StrategySpec(ApiModel):

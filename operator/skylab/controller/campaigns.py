@@ -37,7 +37,15 @@ from skylab.executors.kubernetes import CAMPAIGN_LABEL, TRIAL_LABEL
 from skylab.store import Store
 from skylab.store.db import CampaignStatus as RecordStatus
 from skylab.store.db import TrialRecord
-from skylab.strategies.base import Proposal, ProposalContext, Usage
+from skylab.strategies.base import (
+    Exhausted,
+    Proposal,
+    ProposalContext,
+    Skipped,
+    StrategyFailed,
+    StrategyUnavailable,
+    Usage,
+)
 from skylab_trainer.report import TrialReport, TrialStatus
 
 # The proposal behind a Trial (sweep point, rationale, LLM usage), kept on the Trial
@@ -45,7 +53,11 @@ from skylab_trainer.report import TrialReport, TrialStatus
 PROPOSAL_ANNOTATION = "skylab.dev/proposal"
 MAX_RATIONALE_CHARS = 4000
 TERMINAL = (CampaignPhase.SUCCEEDED, CampaignPhase.FAILED)
-_FAILURE_STOPS = {engine.StopReason.CONSECUTIVE_FAILURES, engine.StopReason.BASELINE_FAILED}
+_FAILURE_STOPS = {
+    engine.StopReason.CONSECUTIVE_FAILURES,
+    engine.StopReason.BASELINE_FAILED,
+    engine.StopReason.STRATEGY_FAILED,
+}
 Clock = Callable[[], datetime]
 _RECORD_STATUS: dict[CampaignPhase, RecordStatus] = {
     CampaignPhase.RUNNING: "running",
@@ -185,7 +197,7 @@ class CampaignController:
         self, body: Manifest, context: CampaignContext, store: Store, elapsed: float
     ) -> engine.Stop | None:
         """Start trials until the engine says wait (None) or stop."""
-        exhausted = False
+        exhausted: str | None = None
         while True:
             rows = store.trials(context.record.id)
             actions = engine.plan(
@@ -207,15 +219,43 @@ class CampaignController:
                 proposal = Proposal(description="baseline", edits=())
                 self._create_trial(body, context, store, action.number, baseline, None, proposal)
                 continue
-            found = context.strategy.propose(self._proposal_context(context, rows, action))
-            if found is None:
-                exhausted = True
+            # A proposal in flight when the operator dies left nothing behind: it is redone.
+            try:
+                found = context.strategy.propose(self._proposal_context(context, rows, action))
+            except StrategyUnavailable:
+                raise  # kopf retries the reconcile later
+            except StrategyFailed as exc:
+                return engine.Stop(engine.StopReason.STRATEGY_FAILED, str(exc))
+            if isinstance(found, Exhausted):
+                exhausted = found.message
+                continue
+            if isinstance(found, Skipped):
+                self._skip(body, context, store, action, found)
                 continue
             commit = context.workspace.commit_trial(
                 action.number, action.parent_commit, found.edits, found.description
             )
             parent = action.parent_commit
             self._create_trial(body, context, store, action.number, commit, parent, found)
+
+    def _skip(
+        self,
+        campaign: Manifest,
+        context: CampaignContext,
+        store: Store,
+        action: engine.Propose,
+        skipped: Skipped,
+    ) -> None:
+        """A proposal given up before it ran: a row and an Event, no Trial and no Job."""
+        store.record_skipped(
+            context.record.id,
+            action.number,
+            parent_commit=action.parent_commit,
+            strategy=context.strategy.name,
+            skipped=skipped,
+        )
+        name = trial_name(context.name, action.number)
+        post(campaign, "ProposalSkipped", f"{name}: {skipped.reason}", warning=True)
 
     def _proposal_context(
         self, context: CampaignContext, rows: list[TrialRecord], action: engine.Propose

@@ -29,8 +29,9 @@ from skylab.errors import UserError
 from skylab.experiments import baseline_files
 from skylab.store import Store
 from skylab.store.db import CampaignRecord
-from skylab.strategies import build_strategy
-from skylab.strategies.base import Strategy
+from skylab.strategies import StrategyOptions, build_strategy
+from skylab.strategies.base import Strategy, StrategyFailed, StrategyUnavailable
+from skylab.strategies.llm.settings import INVALID_KEY
 from skylab.workspace import Workspace
 
 # Trial names are <campaign>-NNNN and must stay valid label values (63 characters).
@@ -214,17 +215,34 @@ class CampaignOpener:
         )
 
     def _strategy(self, namespace: str, spec: CampaignSpec, config: ExperimentConfig) -> Strategy:
+        """The Campaign's strategy, built and allowed in by the services it needs."""
+        options = StrategyOptions()
         llm = spec.strategy.llm
-        if llm is not None:
+        if llm is not None and spec.strategy.type == "llm":
             ref = llm.api_key_secret
-            if self.api.read_secret_key(namespace, ref.name, ref.key) is None:
+            key = self.api.read_secret_key(namespace, ref.name, ref.key)
+            if key is None:
                 raise CampaignSetupError(
                     "SecretNotFound",
                     f"spec.strategy.llm.apiKeySecret: Secret {ref.name!r} with key {ref.key!r} "
                     f"not found in namespace {namespace}",
                 )
+            if not key.strip():
+                raise CampaignSetupError(
+                    "InvalidAPIKey",
+                    f"spec.strategy.llm.apiKeySecret: key {ref.key!r} of Secret {ref.name!r} "
+                    "is empty",
+                )
+            options = StrategyOptions(llm=llm.overrides(), api_key=key.decode().strip())
         try:
-            return build_strategy(spec.strategy.type, config)
+            strategy = build_strategy(spec.strategy.type, config, options)
+            strategy.check_access()
         except UserError as exc:
             message = str(exc).replace(str(config.root), "experiment")
             raise CampaignSetupError("InvalidStrategy", message) from exc
+        except StrategyUnavailable:
+            raise  # kopf retries the handler later
+        except StrategyFailed as exc:
+            reason = "InvalidAPIKey" if INVALID_KEY in str(exc) else "InvalidStrategy"
+            raise CampaignSetupError(reason, f"spec.strategy.llm: {exc}") from None
+        return strategy

@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 from skylab.engine import Status, TrialView
 from skylab.errors import UserError
 from skylab.store.migrate import migrate
-from skylab.strategies.base import PastTrial, Usage
+from skylab.strategies.base import PastTrial, Skipped, Usage
 from skylab_trainer.progress import Progress
 from skylab_trainer.report import TrialReport
 
@@ -106,6 +106,9 @@ class TrialRecord:
             description=self.description,
             params=self.params,
             strategy=self.strategy,
+            diff=self.diff,
+            log_tail=self.log_tail,
+            usage=self.usage,
         )
 
 
@@ -250,8 +253,7 @@ class Store:
         usage: Usage = _NO_USAGE,
     ) -> TrialRecord:
         """Record a trial that starts running now."""
-        tokens = asdict(usage)
-        cost = tokens.pop("cost_usd")
+        tokens, cost = _usage_columns(usage)
         query = sql.SQL(
             "INSERT INTO trials (campaign_id, number, is_baseline, commit, parent_commit,"
             " strategy, description, rationale, diff, params, usage, cost_usd)"
@@ -268,8 +270,41 @@ class Store:
             rationale,
             diff,
             Jsonb(dict(params or {})),
-            Jsonb(tokens),
+            tokens,
             cost,
+        )
+        with self._transaction() as cursor:
+            return _trial(_one(cursor.execute(query, values)))
+
+    def record_skipped(
+        self,
+        campaign_id: int,
+        number: int,
+        *,
+        parent_commit: str,
+        strategy: str,
+        skipped: Skipped,
+    ) -> TrialRecord:
+        """Record a proposal that was given up before it ran: finished, never kept."""
+        tokens, cost = _usage_columns(skipped.usage)
+        query = sql.SQL(
+            "INSERT INTO trials (campaign_id, number, is_baseline, commit, parent_commit,"
+            " strategy, description, rationale, usage, cost_usd, status, kept,"
+            " decision_reason, message, duration_seconds, finished_at)"
+            " VALUES (%s, %s, false, %s, %s, %s, %s, %s, %s, %s, 'skipped', false,"
+            " 'skipped: never ran', %s, 0, now()) RETURNING {}"
+        ).format(_TRIAL)
+        values = (
+            campaign_id,
+            number,
+            parent_commit,  # nothing was committed: the trial stands on its parent
+            parent_commit,
+            strategy,
+            skipped.description,
+            skipped.rationale,
+            tokens,
+            cost,
+            skipped.reason,
         )
         with self._transaction() as cursor:
             return _trial(_one(cursor.execute(query, values)))
@@ -393,6 +428,13 @@ class Store:
                 (trial_id,),
             ).fetchall()
         return [Progress(**row) for row in rows]
+
+
+def _usage_columns(usage: Usage) -> tuple[Jsonb, float]:
+    """The usage column (token counts) and the cost_usd column."""
+    tokens = asdict(usage)
+    cost: float = tokens.pop("cost_usd")
+    return Jsonb(tokens), cost
 
 
 def _one(cursor: psycopg.Cursor[Row]) -> Row:

@@ -31,6 +31,24 @@ class Usage:
     cache_write_tokens: int = 0
     cost_usd: float = 0.0
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cache_read_tokens=self.cache_read_tokens + other.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
+            cost_usd=self.cost_usd + other.cost_usd,
+        )
+
+    @property
+    def total_tokens(self) -> int:
+        return (
+            self.input_tokens
+            + self.output_tokens
+            + self.cache_read_tokens
+            + self.cache_write_tokens
+        )
+
 
 @dataclass(frozen=True)
 class Proposal:
@@ -43,16 +61,44 @@ class Proposal:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """A proposal that produced no change worth training; recorded, never run."""
+
+    description: str
+    reason: str
+    rationale: str = ""
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True)
+class Exhausted:
+    """The strategy has nothing more to propose, and why."""
+
+    message: str
+
+
+class StrategyFailed(Exception):
+    """The strategy cannot go on (e.g. the API key was refused): the campaign fails."""
+
+
+class StrategyUnavailable(StrategyFailed):
+    """A service the strategy needs is down after bounded retries; trying later may work."""
+
+
+@dataclass(frozen=True)
 class PastTrial:
-    """A finished trial as strategies see it."""
+    """A trial as strategies see it: a running one has no status beyond 'running' yet."""
 
     number: int
-    status: str  # success | crash | timeout | killed
+    status: str  # running | success | crash | timeout | killed | skipped
     kept: bool | None
     metric: float | None
     description: str
     params: Mapping[str, Any]
     strategy: str
+    diff: str = ""
+    log_tail: str = ""
+    usage: Usage = field(default_factory=Usage)
 
 
 @dataclass(frozen=True)
@@ -68,6 +114,13 @@ class ProposalContext:
 class Strategy(Protocol):
     name: str
 
-    def propose(self, context: ProposalContext) -> Proposal | None:
-        """The next change to try, or None when the strategy has nothing left."""
+    def check_access(self) -> None:
+        """Raise StrategyFailed when a service the strategy needs refuses it (a bad key)."""
+        ...
+
+    def propose(self, context: ProposalContext) -> Proposal | Skipped | Exhausted:
+        """The next change to try; Skipped when this attempt found none; Exhausted at the end.
+
+        Raises StrategyFailed when the campaign cannot go on.
+        """
         ...

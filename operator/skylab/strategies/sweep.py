@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from skylab.config import ConstantValue, SweepSettings
 from skylab.errors import UserError
-from skylab.strategies.base import FileEdit, PastTrial, Proposal, ProposalContext
+from skylab.strategies.base import Exhausted, FileEdit, PastTrial, Proposal, ProposalContext
 from skylab.strategies.constants import ModuleConstants, Number
 
 # Random mode gives up after this many draws in a row that were tried already or no-ops.
@@ -32,7 +32,10 @@ class SweepStrategy:
     def __init__(self, settings: SweepSettings) -> None:
         self.settings = settings
 
-    def propose(self, context: ProposalContext) -> Proposal | None:
+    def check_access(self) -> None:
+        """A sweep needs no service."""
+
+    def propose(self, context: ProposalContext) -> Proposal | Exhausted:
         constants = ModuleConstants(context.read_file(self.settings.file))
         space = _Space(self.settings, constants)
         tried = self._tried(context.history)
@@ -46,14 +49,16 @@ class SweepStrategy:
                     rationale=f"sweep {label}",
                     params=point,
                 )
-        return None
+        if self.settings.mode == "grid":
+            return Exhausted("the sweep has tried every point of its grid")
+        return Exhausted(f"the random sweep drew no untried point in {RANDOM_DRAWS} draws")
 
     def _tried(self, history: Sequence[PastTrial]) -> list[Point]:
         # A killed trial was interrupted before it measured anything: try it again.
         return [
             dict(trial.params)
             for trial in history
-            if trial.strategy == self.name and trial.status != "killed"
+            if trial.strategy == self.name and trial.status not in ("killed", "skipped")
         ]
 
     def _candidates(self, space: _Space, past_trials: int) -> Iterator[tuple[str, Point]]:

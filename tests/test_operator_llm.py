@@ -1,0 +1,184 @@
+"""The operator running an LLM campaign: the real SDK against the fake Messages API.
+
+The tests play the Job controller and the kubelet (tests/kubelet.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+# Imported at collection: the SDK takes minutes to import on a small machine, which
+# must not count against a test's timeout.
+import anthropic  # noqa: F401
+import pytest
+from tests.fake_anthropic import FakeAnthropic, Reply
+from tests.scripted_model import Proposals, Turn, done, set_constant
+
+from emulator import KubeEmulator
+from kubelet import (  # noqa: F401  # the settings fixture registers under its own name
+    CAMPAIGNS,
+    JOBS,
+    NAMESPACE,
+    SLOW,
+    TRIALS,
+    Outcome,
+    condition,
+    kubelet,
+    mortal,
+    phase_is,
+    rows,
+    running_operator,
+    settings_fixture,
+    status,
+    success,
+    sweep_campaign,
+)
+from operator_harness import (  # noqa: F401  # fixtures register under their own names
+    create,
+    eventually,
+    kmock_options_fixture,
+    kube_fixture,
+    names,
+    stored,
+)
+from skylab.controller.settings import OperatorSettings
+from skylab.store import Store
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(900)]
+
+KEY = "sk-ant-operator-0123456789"
+METRICS = {1: 1.04, 2: 1.0025, 3: 1.01}
+
+
+@pytest.fixture
+def server() -> Iterator[FakeAnthropic]:
+    with FakeAnthropic(api_key=KEY) as fake:
+        yield fake
+
+
+def llm_campaign(name: str, server: FakeAnthropic) -> dict[str, Any]:
+    campaign = sweep_campaign(name, budget={"maxTrials": 3})
+    campaign["spec"]["strategy"] = {
+        "type": "llm",
+        "llm": {
+            "apiKeySecret": {"name": "anthropic", "key": "api-key"},
+            "baseUrl": server.url,
+            "maxRetries": 1,
+        },
+    }
+    return campaign
+
+
+async def add_key_secret(kube: KubeEmulator, key: str) -> None:
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "anthropic"},
+        "data": {"api-key": base64.b64encode(key.encode()).decode()},
+    }
+    await create(kube, "v1/secrets", secret)
+
+
+def script(number: int) -> Outcome:
+    return success(METRICS[number])
+
+
+def everything_visible(kube: KubeEmulator, database_url: str) -> str:
+    """Every object of the emulator and every row of the database, as text."""
+    visible = json.dumps([obj.raw for obj in kube.objects.values()], default=str)
+    with Store.connect(database_url) as store, store._transaction() as cursor:
+        visible += str(cursor.execute("SELECT * FROM trials").fetchall())
+        visible += str(cursor.execute("SELECT * FROM campaigns").fetchall())
+    return visible
+
+
+async def test_an_llm_campaign_runs_to_the_end(
+    kube: KubeEmulator, settings: OperatorSettings, database_url: str, server: FakeAnthropic
+) -> None:
+    server.script = Proposals(
+        [set_constant("LR", "0.25"), done("LR 0.1 -> 0.25")],
+        [set_constant("LR", "0.2"), done("LR 0.25 -> 0.2")],
+    )
+    await add_key_secret(kube, KEY)
+    async with kubelet(kube, script), running_operator(kube, settings):
+        await create(kube, CAMPAIGNS, llm_campaign("claude", server))
+        await eventually(lambda: phase_is(kube, "claude", "Succeeded"), timeout=SLOW)
+
+    trials = [f"claude-{n:04d}" for n in (1, 2, 3)]
+    assert names(kube, TRIALS, NAMESPACE) == trials
+    specs = [stored(kube, TRIALS, NAMESPACE, t)["spec"] for t in trials]  # type: ignore[index]
+    assert [s["description"] for s in specs] == ["baseline", "LR 0.1 -> 0.25", "LR 0.25 -> 0.2"]
+    assert [s["strategy"] for s in specs] == ["baseline", "llm", "llm"]
+    assert specs[2]["parentCommit"] == specs[1]["commit"]
+    assert rows(database_url, "claude") == [
+        (1, "success", True, 1.04),
+        (2, "success", True, 1.0025),
+        (3, "success", False, 1.01),
+    ]
+    with Store.connect(database_url) as store:
+        record = store.get_campaign(f"{NAMESPACE}/claude")
+        assert record is not None
+        usage = [t.usage for t in store.trials(record.id)]
+    assert usage[0].total_tokens == 0
+    assert all(u.output_tokens > 0 and u.cost_usd > 0 for u in usage[1:])
+    assert KEY not in everything_visible(kube, database_url)
+
+
+async def test_a_refused_key_fails_the_campaign_before_any_trial(
+    kube: KubeEmulator, settings: OperatorSettings, database_url: str, server: FakeAnthropic
+) -> None:
+    await add_key_secret(kube, "sk-ant-revoked")
+    async with running_operator(kube, settings):
+        await create(kube, CAMPAIGNS, llm_campaign("revoked", server))
+        await eventually(lambda: phase_is(kube, "revoked", "Failed"), timeout=SLOW)
+    failed = condition(kube, "revoked", "Failed")
+    assert failed["reason"] == "InvalidAPIKey"
+    assert "invalid or missing Anthropic API key (HTTP 401)" in failed["message"]
+    assert names(kube, TRIALS) == [] and names(kube, JOBS) == []
+    assert server.messages_requests() == []
+    assert "sk-ant-revoked" not in everything_visible(kube, database_url)
+
+
+async def test_a_proposal_in_flight_when_the_operator_dies_is_redone(
+    kube: KubeEmulator, settings: OperatorSettings, database_url: str, server: FakeAnthropic
+) -> None:
+    await add_key_secret(kube, KEY)
+    dying: list[Any] = []
+
+    def die_then(turn: Turn) -> Turn:
+        """TURN, answered after the operator has died: its proposal can never be applied."""
+
+        def answer(request: dict[str, Any]) -> Reply:
+            dying[0].set()
+            return turn(request)
+
+        return answer
+
+    server.script = Proposals(
+        [set_constant("LR", "0.25"), die_then(done("LR 0.25, first try"))],
+        [set_constant("LR", "0.25"), done("LR 0.1 -> 0.25, redone")],
+        [set_constant("LR", "0.2"), done("LR 0.25 -> 0.2")],
+    )
+    async with kubelet(kube, script):
+        async with running_operator(kube, settings) as (operator, thread):
+            dying.append(mortal(operator, thread))
+            await create(kube, CAMPAIGNS, llm_campaign("redo", server))
+            await eventually(dying[0].is_set, timeout=SLOW)
+        assert names(kube, TRIALS, NAMESPACE) == ["redo-0001"]
+        async with running_operator(kube, settings):
+            await eventually(lambda: phase_is(kube, "redo", "Succeeded"), timeout=SLOW)
+
+    trials = [f"redo-{n:04d}" for n in (1, 2, 3)]
+    assert names(kube, TRIALS, NAMESPACE) == trials
+    assert names(kube, JOBS, NAMESPACE) == trials
+    descriptions = [stored(kube, TRIALS, NAMESPACE, t)["spec"]["description"] for t in trials]  # type: ignore[index]
+    assert descriptions == ["baseline", "LR 0.1 -> 0.25, redone", "LR 0.25 -> 0.2"]
+    assert [row[:3] for row in rows(database_url, "redo")] == [
+        (1, "success", True),
+        (2, "success", True),
+        (3, "success", False),
+    ]
+    assert status(kube, CAMPAIGNS, "redo")["counts"]["total"] == 3
