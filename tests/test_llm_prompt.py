@@ -15,6 +15,8 @@ from skylab.strategies.llm.guardrails import change_signature, diff_signature, p
 from skylab.strategies.llm.pricing import Price, TurnTokens, price_of
 from skylab.strategies.llm.settings import llm_settings
 
+FILES = {"train.py": TRAIN_PY}
+
 
 def _trial(number: int, status: str = "success", **fields: object) -> PastTrial:
     values: dict[str, object] = {
@@ -49,7 +51,7 @@ def test_the_memory_holds_goal_best_table_crash_and_files(tmp_path: Path) -> Non
         _trial(2, "crash", log_tail="Traceback\nRuntimeError: boom"),
         _trial(3, "skipped"),
     ]
-    text = prompt.memory(_context(tmp_path, history), history_trials=20)
+    text = prompt.memory(_context(tmp_path, history), history_trials=20, files=FILES)
     assert "Minimize val_bpb" in text
     assert "Best so far: val_bpb = 1.001000 (trial #1" in text
     assert "| 2 | - | crash |" in text and "| 3 | - | skipped |" in text
@@ -65,7 +67,7 @@ def test_the_prompt_stays_bounded_as_the_history_grows(tmp_path: Path) -> None:
             _trial(n, "crash" if n % 7 == 0 else "success", log_tail="E" * 10_000)
             for n in range(1, trials + 1)
         ]
-        return len(prompt.memory(_context(tmp_path, history), history_trials=20))
+        return len(prompt.memory(_context(tmp_path, history), history_trials=20, files=FILES))
 
     at_20, at_200, at_2000 = size(20), size(200), size(2000)
     # Only the digits of trial numbers and of "the last 20 of N" grow.

@@ -72,7 +72,10 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a research campaign on this machine")
     common(run)
-    run.add_argument("--strategy", help="how changes are proposed (default: sweep)")
+    run.add_argument(
+        "--strategy",
+        help="how changes are proposed: sweep or llm (default: sweep; on --resume: the campaign's)",
+    )
     run.add_argument("--profile", help="a profile from experiment.toml, e.g. cpu")
     run.add_argument(
         "--max-trials", type=_positive_int, help="stop after N trials, baseline included"

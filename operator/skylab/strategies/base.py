@@ -100,6 +100,13 @@ class PastTrial:
     log_tail: str = ""
     usage: Usage = field(default_factory=Usage)
 
+    @property
+    def outcome(self) -> str:
+        """kept or reverted for a success, else the status (crash, skipped, ...)."""
+        if self.status == "success":
+            return "kept" if self.kept else "reverted"
+        return self.status
+
 
 @dataclass(frozen=True)
 class ProposalContext:

@@ -37,13 +37,8 @@ def problem(
     signature = change_signature(changes, original)
     for trial in history:
         if trial.diff and diff_signature(trial.diff) == signature:
-            outcome = (
-                trial.status
-                if trial.status != "success"
-                else ("kept" if trial.kept else "reverted")
-            )
             return (
-                f"This exact change was already tried as trial #{trial.number} ({outcome}: "
+                f"This exact change was already tried as trial #{trial.number} ({trial.outcome}: "
                 f"{trial.description}). Undo it and try something different."
             )
     return None

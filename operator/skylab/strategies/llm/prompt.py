@@ -8,7 +8,7 @@ so a prompt's size does not grow with the campaign's length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from skylab.config import ExperimentConfig
@@ -54,8 +54,9 @@ def system(config: ExperimentConfig, program: str) -> list[dict[str, Any]]:
     ]
 
 
-def memory(context: ProposalContext, history_trials: int) -> str:
-    """The first user message: goal, best so far, recent trials, last crash, the files."""
+def memory(context: ProposalContext, history_trials: int, files: Mapping[str, str]) -> str:
+    """The first user message: goal, best so far, recent trials, last crash, and FILES
+    (the parent commit's content of each editable file)."""
     config = context.experiment
     search = config.search
     finished = [t for t in context.history if t.status != "running"]
@@ -69,10 +70,10 @@ def memory(context: ProposalContext, history_trials: int) -> str:
             f"## Last crashed trial: #{crashed.number} {_cut(crashed.description)}\n"
             f"Its log ended with:\n```\n{tail}\n```"
         )
-    files = [f"## {name}\n```\n{context.read_file(name)}\n```" for name in search.editable_files]
+    shown = [f"## {name}\n```\n{files[name]}\n```" for name in search.editable_files]
     sections.append(
         f"# The editable files at the best kept commit {context.parent_commit[:7]}\n\n"
-        + "\n\n".join(files)
+        + "\n\n".join(shown)
     )
     sections.append(
         "Propose your next change now: edit the files with the tool, then reply with the "
@@ -107,16 +108,8 @@ def _table(history: Sequence[PastTrial], metric: str, rows: int) -> str:
     ]
     for trial in recent:
         value = "-" if trial.metric is None else f"{trial.metric:.6f}"
-        lines.append(
-            f"| {trial.number} | {value} | {_outcome(trial)} | {_cut(trial.description)} |"
-        )
+        lines.append(f"| {trial.number} | {value} | {trial.outcome} | {_cut(trial.description)} |")
     return "\n".join(lines)
-
-
-def _outcome(trial: PastTrial) -> str:
-    if trial.status == "success":
-        return "kept" if trial.kept else "reverted"
-    return trial.status  # running, crash, timeout, killed, skipped
 
 
 def _last_crash(history: Sequence[PastTrial]) -> PastTrial | None:

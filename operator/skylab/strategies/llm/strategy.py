@@ -10,17 +10,16 @@ operator keeps counting from where it was.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anthropic
-from anthropic.types import Message
+from anthropic.types import Message, ToolUseBlock
 
 from skylab.strategies.base import (
     Exhausted,
     FileEdit,
-    PastTrial,
     Proposal,
     ProposalContext,
     Skipped,
@@ -141,13 +140,13 @@ class _Conversation:
         self.spent = spent
         self.usage = Usage()
         self.system = prompt.system(context.experiment, strategy.program)
-        first = prompt.memory(context, self.settings.history_trials)
+        # The scratch copy has read the parent's files already.
+        first = prompt.memory(context, self.settings.history_trials, scratch.original)
         self.messages: list[dict[str, Any]] = [{"role": "user", "content": first}]
         self.fix_rounds = 0
         self.last_text = ""
 
     def run(self) -> Proposal | Skipped:
-        finding: str | None = None
         for _ in range(self.settings.max_turns):
             over = self.strategy.over_budget(self.spent + self.usage)
             if over is not None:
@@ -158,14 +157,15 @@ class _Conversation:
             self.last_text = _text(response) or self.last_text
             calls = [block for block in response.content if block.type == "tool_use"]
             if calls:
-                self.messages.append({"role": "user", "content": self._results(response)})
+                cut = response.stop_reason == "max_tokens"
+                self.messages.append({"role": "user", "content": self._results(calls, cut)})
                 continue
             if response.stop_reason == "max_tokens":
                 self.messages.append({"role": "user", "content": TRUNCATED})
                 continue
             if response.stop_reason == "refusal":
                 return self._skip("the model declined to make a change")
-            finding = problem(self.scratch.changed(), self.scratch.original, self._tried())
+            finding = problem(self.scratch.changed(), self.scratch.original, self.context.history)
             if finding is None:
                 return self._proposal()
             if self.fix_rounds >= self.settings.max_fix_rounds:
@@ -176,16 +176,16 @@ class _Conversation:
 
     def _settle(self, why: str) -> Proposal | Skipped:
         """The conversation ends early: what the files hold now is the proposal, if it passes."""
-        finding = problem(self.scratch.changed(), self.scratch.original, self._tried())
+        finding = problem(self.scratch.changed(), self.scratch.original, self.context.history)
         if finding is None:
             return self._proposal()
         return self._skip(f"{why}: {_first_sentence(finding)}")
 
-    def _results(self, response: Message) -> list[dict[str, Any]]:
+    def _results(self, calls: list[ToolUseBlock], cut: bool) -> list[dict[str, Any]]:
+        """The results of CALLS; CUT: the reply hit max_tokens inside the last one."""
         results = []
-        calls = [block for block in response.content if block.type == "tool_use"]
         for index, call in enumerate(calls):
-            if response.stop_reason == "max_tokens" and index == len(calls) - 1:
+            if cut and index == len(calls) - 1:
                 result = ToolResult(TRUNCATED, is_error=True)
             elif call.name != TOOL_NAME:
                 result = ToolResult(f"unknown tool {call.name!r}: use {TOOL_NAME}", True)
@@ -202,9 +202,6 @@ class _Conversation:
                 }
             )
         return results
-
-    def _tried(self) -> Sequence[PastTrial]:
-        return [t for t in self.context.history if t.strategy != "baseline"]
 
     def _proposal(self) -> Proposal:
         changes = self.scratch.changed()
