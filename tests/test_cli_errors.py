@@ -125,3 +125,19 @@ def test_the_real_process_exits_2_with_one_line(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("skylab: error: unknown experiment 'no-such-experiment'")
     assert not home.exists() or not any(home.iterdir())
+
+
+def test_prepare_writes_where_data_dir_says(tmp_path: Path) -> None:
+    experiment = write_toy_experiment(tmp_path / "toy", "parameters = { LR = { values = [0.1] } }")
+    # The toy harness records where it was asked to put the data.
+    (experiment / "prepare.py").write_text(
+        "import pathlib, sys\n"
+        "target = pathlib.Path(sys.argv[sys.argv.index('--data-dir') + 1])\n"
+        "target.mkdir(parents=True, exist_ok=True)\n"
+        "(target / 'READY').write_text('{}')\n"
+    )
+    volume = tmp_path / "volume"
+    done = skylab("prepare", str(experiment), "--data-dir", str(volume), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (volume / "READY").is_file()
+    assert not (tmp_path / ".skylab").exists()  # nothing in the default home

@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="build the corpus from local text or parquet files instead of downloading",
     )
+    prepare.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where the data goes, e.g. a volume trainer pods mount (default: in the home)",
+    )
     prepare.set_defaults(handler=_prepare)
 
     run = commands.add_parser("run", help="run a research campaign on this machine")
@@ -123,7 +128,12 @@ def _parser() -> argparse.ArgumentParser:
     op.set_defaults(handler=_operator)
 
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions")
-    crds.add_argument("--output", type=Path, default=Path("crds"), help="directory (crds/)")
+    crds.add_argument(
+        "--output",
+        type=Path,
+        action="append",
+        help="directory, repeatable (default: crds/ and the Helm chart's charts/skylab/crds/)",
+    )
     crds.set_defaults(handler=_crds)
     return parser
 
@@ -141,16 +151,17 @@ def _crds(args: argparse.Namespace) -> int:
     # Imported here: the API's YAML dependency belongs to the operator extra.
     from skylab.api.crds import RESOURCES, write_crds
 
-    changed = write_crds(args.output)
-    for resource in RESOURCES:
-        path = args.output / resource.filename
-        print(f"{path}: {'written' if path in changed else 'unchanged'}", file=sys.stderr)
+    for directory in args.output or [Path("crds"), Path("charts/skylab/crds")]:
+        changed = write_crds(directory)
+        for resource in RESOURCES:
+            path = directory / resource.filename
+            print(f"{path}: {'written' if path in changed else 'unchanged'}", file=sys.stderr)
     return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
     config = load_experiment(resolve_experiment(args.experiment), args.profile)
-    data_dir = Home.resolve(args.home).data_dir(config.name)
+    data_dir = (args.data_dir or Home.resolve(args.home).data_dir(config.name)).resolve()
     command = [*config.prepare.command.split(), "--data-dir", str(data_dir), *config.prepare.args]
     if args.source is not None:
         if not args.source.exists():

@@ -35,6 +35,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # The chart installs the CRDs before the operator starts, so kopf needs no watch on
+    # CustomResourceDefinitions or Namespaces: its role grants neither.
+    settings.scanning.disabled = True
 
 
 def register(

@@ -66,6 +66,8 @@ class Health:
         loop = self.loop
         if loop is None:
             return 503, _TEXT, b"starting\n"
+        if loop.is_closed():  # checked first: a probe never scheduled warns "never awaited"
+            return 503, _TEXT, b"event loop closed\n"
         try:
             asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(
                 _LIVENESS_TIMEOUT_SECONDS
