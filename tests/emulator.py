@@ -31,6 +31,9 @@ Body = dict[str, Any]
 Key = k8s_views.ArrayKey  # (resource, namespace or None, name)
 PODS = kmock.resource("v1/pods")
 NAMESPACES = kmock.resource("v1/namespaces")
+# The release /version reports: Helm checks a chart's kubeVersion against it, and the chart's
+# objects are validated against this release's OpenAPI schema.
+KUBERNETES_VERSION = "1.37.0"
 # Kept from the stored object on every write: the server owns these fields.
 SERVER_FIELDS = ("uid", "creationTimestamp", "deletionTimestamp", "generation", "name", "namespace")
 # Selector terms: labels `a`, `!a`, `a=b`, `a==b`, `a!=b`, `a in (b,c)`, `a notin (b)`; fields
@@ -313,6 +316,18 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if orphaned or emptied:
                 self._delete(dep_key)
         return obj
+
+    async def _serve_server_version(self, request: kmock.Request) -> kmock.Payload:
+        major, minor, _ = KUBERNETES_VERSION.split(".")
+        version = await super()._serve_server_version(request)
+        return {**version, "major": major, "minor": minor, "gitVersion": f"v{KUBERNETES_VERSION}"}
+
+    async def _serve_version(self, request: kmock.Request) -> kmock.Payload:
+        # kmock names the core group "/v1"; Go clients (Helm's) refuse that and see no kinds.
+        listed = await super()._serve_version(request)
+        if isinstance(listed, dict) and listed.get("groupVersion") == "/v1":
+            listed["groupVersion"] = "v1"
+        return listed
 
     async def _serve_create(self, request: kmock.Request) -> kmock.Payload:
         return rendering.Response(status=201, payload=self._results.pop(request))

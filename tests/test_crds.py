@@ -30,11 +30,12 @@ def _errors(resource: Any, manifest: dict[str, Any]) -> list[str]:
     return [error.message for error in validator.iter_errors(manifest)]
 
 
+@pytest.mark.parametrize("folder", ["crds", "charts/skylab/crds"])
 @pytest.mark.parametrize("resource", RESOURCES, ids=lambda r: r.kind)
-def test_checked_in_crds_match_the_models(resource: Any) -> None:
-    path = REPO / "crds" / resource.filename
-    assert path.exists(), "run `skylab crds` and commit crds/"
-    assert path.read_text() == render(resource), "crds/ is stale: run `skylab crds`"
+def test_checked_in_crds_match_the_models(resource: Any, folder: str) -> None:
+    path = REPO / folder / resource.filename
+    assert path.exists(), f"run `skylab crds` and commit {folder}/"
+    assert path.read_text() == render(resource), f"{folder}/ is stale: run `skylab crds`"
 
 
 def test_write_crds_reports_only_changes(tmp_path: Path) -> None:
