@@ -221,11 +221,11 @@ def operator_settings(tmp_path: Path, database_url: str, experiments: Path) -> O
 
 @asynccontextmanager
 async def running_operator(
-    kube: KubeEmulator, settings: OperatorSettings
+    kube: KubeEmulator, settings: OperatorSettings, peering: str | None = None
 ) -> AsyncIterator[tuple[Operator, OperatorThread]]:
     """The real operator (`skylab operator`'s handlers) in a kopf thread of its own."""
     operator = await asyncio.to_thread(build_operator, KubeApi(load_client()), settings)
-    thread = OperatorThread(operator.registry)
+    thread = OperatorThread(operator.registry, peering=peering)
     thread.start()
     try:
         await thread.wait_for_watches(kube, [CAMPAIGNS, TRIALS, JOBS])

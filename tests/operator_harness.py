@@ -5,6 +5,9 @@ by their declared names `kmock_options` (the emulator class), `kube` and `kubeco
 
     from operator_harness import kmock_options_fixture, kube_fixture  # noqa: F401
 
+Import `operator_rbac_fixture` too where the tests run the operator: it checks its calls
+against the chart's RBAC role after each test.
+
 The emulator serves on the test's event loop: from a test, talk to it with `await kube.get()`
 and the like, or call the sync kubernetes client through `asyncio.to_thread`, never directly.
 """
@@ -16,7 +19,7 @@ import copy
 import functools
 import inspect
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -32,6 +35,7 @@ from kmock import action as k8s_action
 from kmock import resource as k8s_resource
 
 from emulator import KubeEmulator
+from rbac import chart_rules, operator_calls, ungranted
 
 T = TypeVar("T")
 # Where fast_settings() makes kopf store what it has handled: present once kopf is done with
@@ -172,6 +176,17 @@ async def kube_fixture(
     return kmock
 
 
+@pytest.fixture(name="operator_rbac", autouse=True)
+def operator_rbac_fixture(kube: KubeEmulator) -> Iterator[None]:
+    """After each test of a module that imports it: the chart's ClusterRole (default values)
+    grants every call the operator made, so RBAC would have refused none of them."""
+    yield
+    missing = ungranted(chart_rules(), operator_calls(kube))
+    assert not missing, "the chart's role does not grant these operator calls:\n" + "\n".join(
+        missing
+    )
+
+
 @pytest.fixture(name="kubeconfig")
 def kubeconfig_fixture(kube: KubeEmulator, tmp_path: Path) -> Path:
     """The kubeconfig file that points at the emulator."""
@@ -236,6 +251,8 @@ class OperatorThread:
     Not a task on the test's loop: on exit, kopf cancels every task created after it started,
     pytest-asyncio's included. Use it as `async with OperatorThread(registry) as operator:`
     (or start() and `await stop()`); a new OperatorThread on the same emulator is a restart.
+    PEERING names the ClusterKopfPeering to take part in, as `skylab operator --peering` does;
+    without it the operator runs standalone.
     """
 
     def __init__(
@@ -243,10 +260,12 @@ class OperatorThread:
         registry: kopf.OperatorRegistry,
         settings: kopf.OperatorSettings | None = None,
         memo: object | None = None,
+        peering: str | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings if settings is not None else fast_settings()
         self.memo = memo
+        self.peering = peering
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()
         self.error: BaseException | None = None
@@ -260,7 +279,8 @@ class OperatorThread:
                     settings=self.settings,
                     memo=self.memo,
                     clusterwide=True,
-                    standalone=True,
+                    standalone=self.peering is None,
+                    peering_name=self.peering,
                     stop_flag=self.stop_flag,
                     ready_flag=self.ready_flag,
                 )

@@ -40,6 +40,7 @@ from operator_harness import (  # noqa: F401  # fixtures register under their ow
     kmock_options_fixture,
     kube_fixture,
     names,
+    operator_rbac_fixture,
     patch_status,
     stored,
 )

@@ -45,6 +45,7 @@ from operator_harness import (  # noqa: F401  # fixtures register under their ow
     kmock_options_fixture,
     kube_fixture,
     names,
+    operator_rbac_fixture,
     stored,
 )
 from skylab.controller.main import Operator
