@@ -1,4 +1,4 @@
-.PHONY: demo test test-quick lint
+.PHONY: demo test test-quick lint kind-e2e
 
 # A 3-trial sweep campaign of gpt-pretrain on the CPU, then its history.
 demo:
@@ -15,3 +15,8 @@ test-quick:
 lint:
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
+
+# On a machine with Docker, kind, kubectl and helm: the chart on a throwaway cluster,
+# a CPU-sized campaign to 3 trials.
+kind-e2e:
+	./scripts/kind-e2e.sh
