@@ -128,16 +128,44 @@ async def helm_revisions(
     release: str = "skylab",
 ) -> list[Release]:
     """Install with values[0], then `helm upgrade` with each next: a Release per revision."""
+    revisions = await _helm(kube, "install", kubeconfig, values, namespace, release)
+    return [
+        Release(
+            objects=[doc for doc in yaml.safe_load_all(revision["manifest"]) if doc],
+            notes=revision["notes"],
+        )
+        for revision in revisions
+    ]
+
+
+async def helm_refusals(
+    kube: KubeEmulator, kubeconfig: Path, values: list[dict[str, Any]]
+) -> list[str | None]:
+    """Helm's error for each values set it refuses to install (None where it installs)."""
+    refusals: list[str | None] = await _helm(
+        kube, "refusals", kubeconfig, values, "default", "skylab"
+    )
+    return refusals
+
+
+async def _helm(
+    kube: KubeEmulator,
+    command: str,
+    kubeconfig: Path,
+    values: list[dict[str, Any]],
+    namespace: str,
+    release: str,
+) -> Any:
     declare_chart_kinds(kube)
     process = await asyncio.create_subprocess_exec(
         _tools_python(),
         str(TOOLBOX),
-        "install",
+        command,
         str(kubeconfig),
         namespace,
         release,
         str(CHART),
-        *(json.dumps(revision) for revision in values),
+        *(json.dumps(each) for each in values),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         # Helm keeps its release record in memory: Go clients write Secrets as protobuf,
@@ -148,13 +176,7 @@ async def helm_revisions(
     if process.returncode != 0:
         lines = err.decode().strip().splitlines()
         raise ToolFailed(lines[-1] if lines else f"exit status {process.returncode}")
-    return [
-        Release(
-            objects=[doc for doc in yaml.safe_load_all(revision["manifest"]) if doc],
-            notes=revision["notes"],
-        )
-        for revision in json.loads(out)
-    ]
+    return json.loads(out)
 
 
 def resource_of(obj: dict[str, Any]) -> str:

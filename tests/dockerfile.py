@@ -194,11 +194,6 @@ _SECRET_NAME = re.compile(r"KEY|TOKEN|PASSWORD|SECRET", re.IGNORECASE)
 _URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|git@)", re.IGNORECASE)
 
 
-def _commands(script: str) -> list[str]:
-    """A RUN's shell commands, split at && || ; | and newlines."""
-    return [c.strip() for c in re.split(r"&&|\|\||[;|\n]", script) if c.strip()]
-
-
 def unpinned_bases(dockerfile: Dockerfile) -> list[str]:
     """Base images must name an exact version tag or a digest (stages may name stages)."""
     problems = []
@@ -230,29 +225,6 @@ def user_problems(dockerfile: Dockerfile) -> list[str]:
     return []
 
 
-def apt_problems(dockerfile: Dockerfile) -> list[str]:
-    """apt-get install skips recommends, and its RUN drops the package lists (one layer)."""
-    problems = []
-    for run in dockerfile.all("RUN"):
-        installs = [c for c in _commands(run.value) if re.search(r"\bapt(-get)? install\b", c)]
-        for command in installs:
-            if "--no-install-recommends" not in command:
-                problems.append(f"{run}: {command!r} without --no-install-recommends")
-        if installs and not re.search(r"\brm\s+(-\w+\s+)*/var/lib/apt/lists", run.value):
-            problems.append(f"{run}: does not remove /var/lib/apt/lists")
-    return problems
-
-
-def pip_problems(dockerfile: Dockerfile) -> list[str]:
-    """pip install and pip wheel leave no cache in the layer."""
-    return [
-        f"{run}: {command!r} without --no-cache-dir"
-        for run in dockerfile.all("RUN")
-        for command in _commands(run.value)
-        if re.search(r"\bpip3?\s+(install|wheel)\b", command) and "--no-cache-dir" not in command
-    ]
-
-
 def add_url_problems(dockerfile: Dockerfile) -> list[str]:
     """No ADD of URLs: unverified downloads that also defeat the build cache."""
     return [
@@ -260,15 +232,6 @@ def add_url_problems(dockerfile: Dockerfile) -> list[str]:
         for add in dockerfile.all("ADD")
         for source in add.words()[:-1]
         if _URL.match(source)
-    ]
-
-
-def exec_form_problems(dockerfile: Dockerfile) -> list[str]:
-    """ENTRYPOINT and CMD in JSON form: the process is PID 1 and gets SIGTERM, no shell."""
-    return [
-        f"{i}: not exec form (a JSON array of strings)"
-        for i in dockerfile.all("ENTRYPOINT") + dockerfile.all("CMD")
-        if i.exec_form() is None
     ]
 
 
@@ -289,18 +252,11 @@ def _declared_names(instruction: Instruction) -> list[str]:
     return [w.partition("=")[0] for w in words]
 
 
-def workdir_problems(dockerfile: Dockerfile) -> list[str]:
-    """WORKDIR is absolute: a relative one depends on every WORKDIR before it."""
-    return [f"{w}: not absolute" for w in dockerfile.all("WORKDIR") if not w.value.startswith("/")]
-
-
+# The rules hadolint (also run by the tests) has no equivalent for: apt, pip, exec-form
+# and WORKDIR practice are its DL3015, DL3009, DL3042, DL3025 and DL3000.
 RULES = (
     unpinned_bases,
     user_problems,
-    apt_problems,
-    pip_problems,
     add_url_problems,
-    exec_form_problems,
     secret_env_problems,
-    workdir_problems,
 )

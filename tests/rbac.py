@@ -85,6 +85,8 @@ class Call(NamedTuple):
     path: str
     query: Mapping[str, str]
     authorized: bool  # it carried credentials: the operator's, not the test's
+    # Owners the body names with blockOwnerDeletion: (apiVersion, kind) of each.
+    blocked_owners: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         return f"{permission(self.method, self.path, self.query)} ({self.method} {self.path})"
@@ -98,9 +100,21 @@ def calls(kube: Iterable[kmock.Request], since: int = 0) -> list[Call]:
             request.url.path,
             request.params,
             "Authorization" in request.headers,  # aiohttp's headers ignore case
+            _blocked_owners(request.data),
         )
         for request in list(kube)[since:]
     ]
+
+
+def _blocked_owners(body: Any) -> tuple[tuple[str, str], ...]:
+    references = (
+        body.get("metadata", {}).get("ownerReferences", []) if isinstance(body, dict) else []
+    )
+    return tuple(
+        (reference["apiVersion"], reference["kind"])
+        for reference in references
+        if reference.get("blockOwnerDeletion")
+    )
 
 
 def operator_calls(kube: Iterable[kmock.Request], since: int = 0) -> list[Call]:
@@ -187,13 +201,18 @@ def _listed(values: Iterable[str] | None, wanted: str) -> bool:
 def ungranted(rules: Iterable[Rule], made: Iterable[Call]) -> list[str]:
     """The calls RULES (with what every user may do) do not grant, each once."""
     allowed = [*rules, *DISCOVERY_RULES]
-    missing = (call for call in made if not granted(allowed, _needed(call)))
-    return list(dict.fromkeys(str(call) for call in missing))
+    missing = (
+        f"{needed} ({call.method} {call.path})"
+        for call in made
+        for needed in _needed(call)
+        if not granted(allowed, needed)
+    )
+    return list(dict.fromkeys(missing))
 
 
 def unused(rules: Iterable[Rule], made: Iterable[Call]) -> list[str]:
     """Each (group, resource, verb) RULES grant that none of the calls needed."""
-    needed = [_needed(call) for call in made]
+    needed = [permission for call in made for permission in _needed(call)]
     found = []
     for rule in rules:
         for group in rule.get("apiGroups") or ():
@@ -205,8 +224,15 @@ def unused(rules: Iterable[Rule], made: Iterable[Call]) -> list[str]:
     return found
 
 
-def _needed(call: Call) -> Permission:
-    return permission(call.method, call.path, call.query)
+def _needed(call: Call) -> list[Permission]:
+    """The request's own permission and, where the OwnerReferencesPermissionEnforcement
+    admission plugin runs (OpenShift), `update` on the finalizers of each owner whose
+    deletion the new object blocks."""
+    owners = [
+        Permission("update", api_version.rpartition("/")[0], kind.lower() + "s", "finalizers")
+        for api_version, kind in call.blocked_owners
+    ]
+    return [permission(call.method, call.path, call.query), *owners]
 
 
 def chart_rules() -> list[Rule]:

@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
-from chart import CHART, Release, ToolFailed, helm_install, helm_revisions, resource_of, run_tool
+from chart import CHART, Release, helm_install, helm_refusals, helm_revisions, resource_of, run_tool
 from emulator import KUBERNETES_VERSION, KubeEmulator
 from operator_harness import kmock_options_fixture, kube_fixture, kubeconfig_fixture, stored
 from skylab.api.models import TrialTemplate
@@ -169,11 +169,16 @@ def _defaults_wire_the_operator_its_database_and_the_trainer_pods(release: Relea
     assert policy["metadata"]["namespace"] == "default"
     assert _matches(policy["spec"]["podSelector"], trainer_labels)
     assert not _matches(policy["spec"]["podSelector"], pod["metadata"]["labels"])
-    [to_operator] = [rule for rule in policy["spec"]["egress"] if "namespaceSelector" in str(rule)]
-    [peer] = to_operator["to"]
+    egress = {
+        rule["ports"][0]["port"]: rule for rule in policy["spec"]["egress"] if "ports" in rule
+    }
+    [peer] = egress[8080]["to"]
     assert _matches(peer["podSelector"], pod["metadata"]["labels"])
     assert _matches(peer["namespaceSelector"], {"kubernetes.io/metadata.name": "default"})
-    assert to_operator["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert egress[8080]["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    [dns] = egress[53]["to"]  # the cluster DNS only: port 53 elsewhere is a way out
+    assert _matches(dns["namespaceSelector"], {"kubernetes.io/metadata.name": "kube-system"})
+    assert _matches(dns["podSelector"], {"k8s-app": "kube-dns"})
 
     # The data Job fills the claim that the example Campaigns' trainer pods mount.
     assert template.data_volume is not None
@@ -214,28 +219,52 @@ def _watched_namespaces_get_roles_peerings_and_policies_of_their_own(release: Re
     assert release.find("Job") == []
 
 
-@pytest.mark.asyncio
-@pytest.mark.parametrize(
-    ("values", "named"),
-    [
-        ({"replicaCount": "two"}, "replicaCount"),
-        ({"database": {"builtin": {"enabled": False}}}, "existingSecret"),
-        ({"watchNamespaces": ["Research_A"]}, "watchNamespaces"),
-        ({"replicas": 2}, "replicas"),
-    ],
-)
-async def test_bad_values_are_refused_naming_the_field(
-    kube: KubeEmulator, kubeconfig: Path, values: dict[str, Any], named: str
-) -> None:
-    with pytest.raises(ToolFailed, match=named):
-        await helm_install(kube, kubeconfig, values)
-    assert stored(kube, "apps/v1/deployments", "default", "skylab") is None
+def _an_external_database_replaces_the_built_in_one(release: Release) -> None:
+    assert release.find("StatefulSet") == [] and release.find("Secret") == []
+    [container] = release.one("Deployment")["spec"]["template"]["spec"]["containers"]
+    settings = OperatorSettings.from_env(_container_env(container, release))
+    assert settings.database_url == "postgresql://from-secret/skylab-database/database-url"
+
+
+def _a_second_replica_stands_by_and_prometheus_scrapes(release: Release) -> None:
+    deployment = release.one("Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"  # the volume is shared
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--peering=skylab" in container["args"]
+    monitor, service = release.one("ServiceMonitor"), release.one("Service", "skylab")
+    assert _matches(monitor["spec"]["selector"], service["metadata"]["labels"])
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == (service["spec"]["ports"][0]["name"], "/metrics")
 
 
 SPECIFIC_CHECKS: dict[str, Callable[[Release], None]] = {
     "defaults": _defaults_wire_the_operator_its_database_and_the_trainer_pods,
+    "external-database": _an_external_database_replaces_the_built_in_one,
     "namespaced": _watched_namespaces_get_roles_peerings_and_policies_of_their_own,
+    "standby": _a_second_replica_stands_by_and_prometheus_scrapes,
 }
+
+
+# Each refused with an error that names the field (one Helm process for all of them).
+BAD_VALUES: list[tuple[dict[str, Any], str]] = [
+    ({"replicaCount": "two"}, "replicaCount"),
+    ({"database": {"builtin": {"enabled": False}}}, "existingSecret"),
+    ({"watchNamespaces": ["Research_A"]}, "watchNamespaces"),
+    ({"replicas": 2}, "replicas"),
+    ({"replicaCount": 2, "peering": {"enabled": False}}, "peering.enabled"),
+]
+
+
+@pytest.mark.asyncio
+async def test_bad_values_are_refused_naming_the_field(
+    kube: KubeEmulator, kubeconfig: Path
+) -> None:
+    refusals = await helm_refusals(kube, kubeconfig, [values for values, _ in BAD_VALUES])
+
+    for (values, named), refusal in zip(BAD_VALUES, refusals, strict=True):
+        assert refusal is not None and named in refusal, (values, refusal)
+    assert stored(kube, "apps/v1/deployments", "default", "skylab") is None
 
 
 @pytest.mark.asyncio

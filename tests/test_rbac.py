@@ -175,3 +175,17 @@ def test_the_chart_rules_are_read_with_the_peering_rule() -> None:
     rules = chart_rules()
     assert granted(rules, permission("PATCH", "/apis/kopf.dev/v1/clusterkopfpeerings/skylab"))
     assert granted(rules, permission("GET", "/api/v1/namespaces/d/secrets/any"))
+
+
+def test_blocking_an_owner_s_deletion_needs_update_on_its_finalizers() -> None:
+    # Where OwnerReferencesPermissionEnforcement runs, a child with blockOwnerDeletion needs it.
+    create = Call(
+        "POST", "/apis/batch/v1/namespaces/d/jobs", {}, True, (("skylab.dev/v1alpha1", "Trial"),)
+    )
+    jobs = rule(["batch"], ["jobs"], ["create"])
+    assert ungranted([jobs], [create]) == [
+        "update skylab.dev/trials/finalizers (POST /apis/batch/v1/namespaces/d/jobs)"
+    ]
+    assert (
+        ungranted([jobs, rule(["skylab.dev"], ["trials/finalizers"], ["update"])], [create]) == []
+    )

@@ -2,6 +2,7 @@
 
     toolbox.py lint CHART
     toolbox.py install KUBECONFIG NAMESPACE RELEASE CHART VALUES_JSON [UPGRADE_VALUES_JSON...]
+    toolbox.py refusals KUBECONFIG NAMESPACE RELEASE CHART VALUES_JSON...
     toolbox.py validate KUBERNETES_VERSION < objects.json
     toolbox.py health LUA_FILE < object.json
 
@@ -47,6 +48,24 @@ def install(kubeconfig: str, namespace: str, release: str, chart: str, *values: 
     ]
 
 
+def refusals(kubeconfig: str, namespace: str, release: str, chart: str, *values: str) -> Any:
+    """For each values document, Helm's error when it refuses to install: null if it installs."""
+    import helm_sdkpy
+
+    config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=kubeconfig)
+
+    async def attempt(text: str) -> str | None:
+        try:
+            await helm_sdkpy.Install(config).run(
+                release, chart, values=json.loads(text), wait=False
+            )
+        except helm_sdkpy.HelmError as error:
+            return str(error)
+        return None
+
+    return [asyncio.run(attempt(text)) for text in values]
+
+
 def validate(version: str) -> Any:
     """[kind, name, error] for each object of stdin that the release's schema refuses."""
     import kubernetes_validate
@@ -66,9 +85,9 @@ def validate(version: str) -> Any:
 
 def health(script: str) -> Any:
     """What an Argo CD health script (Lua, with the object as `obj`) returns for stdin's object."""
-    import lupa
+    from lupa import lua51  # Argo CD runs health scripts in gopher-lua, a Lua 5.1
 
-    lua = lupa.LuaRuntime()
+    lua = lua51.LuaRuntime()
     lua.globals().obj = _to_lua(lua, json.load(sys.stdin))
     result = lua.execute(Path(script).read_text())
     return {"status": result["status"], "message": result["message"]}
@@ -83,7 +102,13 @@ def _to_lua(lua: Any, value: Any) -> Any:
 
 
 def main(argv: list[str]) -> None:
-    commands = {"lint": lint, "install": install, "validate": validate, "health": health}
+    commands = {
+        "lint": lint,
+        "install": install,
+        "refusals": refusals,
+        "validate": validate,
+        "health": health,
+    }
     print(json.dumps(commands[argv[0]](*argv[1:])))
 
 

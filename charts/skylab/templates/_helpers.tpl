@@ -53,6 +53,11 @@ app.kubernetes.io/component: database
 {{- printf "%s-postgres" (include "skylab.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The Secret holding the built-in PostgreSQL's password (key `password`). */}}
+{{- define "skylab.postgresSecret" -}}
+{{- default (include "skylab.postgresName" .) .Values.database.builtin.passwordSecret -}}
+{{- end -}}
+
 {{- define "skylab.operatorImage" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
