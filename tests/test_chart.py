@@ -165,7 +165,14 @@ def _defaults_wire_the_operator_its_database_and_the_trainer_pods(release: Relea
     )
     job = trial_job(launch, template, namespace="default", campaign="gpt-sweep", owner={})
     trainer_labels = job.job["spec"]["template"]["metadata"]["labels"]
-    policy = release.one("NetworkPolicy")
+    policy = release.one("NetworkPolicy", "skylab-trainer")
+    database = release.one("NetworkPolicy", "skylab-postgres")["spec"]
+    postgres_pod = release.one("StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert _matches(database["podSelector"], postgres_pod)
+    [from_operator] = database["ingress"]
+    [client] = from_operator["from"]
+    assert _matches(client["podSelector"], pod["metadata"]["labels"])
+    assert not _matches(client["podSelector"], trainer_labels)
     assert policy["metadata"]["namespace"] == "default"
     assert _matches(policy["spec"]["podSelector"], trainer_labels)
     assert not _matches(policy["spec"]["podSelector"], pod["metadata"]["labels"])
@@ -202,7 +209,8 @@ def _watched_namespaces_get_roles_peerings_and_policies_of_their_own(release: Re
     watched = values["watchNamespaces"]
     for kind in ("Role", "RoleBinding", "KopfPeering"):
         assert sorted(o["metadata"]["namespace"] for o in release.find(kind)) == watched
-    policies = sorted(o["metadata"]["namespace"] for o in release.find("NetworkPolicy"))
+    trainers = release.find("NetworkPolicy", "skylab-trainer")
+    policies = sorted(o["metadata"]["namespace"] for o in trainers)
     assert policies == sorted(["default", *watched])
     for role in release.find("Role"):
         [secrets] = [rule for rule in role["rules"] if rule["resources"] == ["secrets"]]
