@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 from torch import nn
 
-EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "gpt-pretrain"
+from gpt_pretrain import load_train
 
 
 @pytest.fixture(scope="module")
 def train() -> ModuleType:
-    """train.py as a module (it imports prepare from its own directory)."""
-    sys.path.insert(0, str(EXPERIMENT))
-    try:
-        spec = importlib.util.spec_from_file_location("gpt_pretrain_train", EXPERIMENT / "train.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EXPERIMENT))
+    return load_train()
 
 
 def _params(seed: int) -> list[nn.Parameter]:
