@@ -128,6 +128,12 @@ def _wait_for(predicate: Callable[[], object], timeout: float = 240) -> None:
     raise AssertionError("timed out waiting")
 
 
+def _as_in_a_terminal() -> None:
+    # A command typed at a terminal gets Ctrl-C; one started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and so would skylab if the tests run so.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_kills_the_trial_and_resume_goes_on(
     tmp_path: Path, database_url: str, signum: int
@@ -153,6 +159,7 @@ def test_interrupt_kills_the_trial_and_resume_goes_on(
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "TOY_SLOW_LR": "0.5"},
+        preexec_fn=_as_in_a_terminal,
     )
 
     # interrupt skylab while trial 2 (LR=0.5, slowed down) trains
