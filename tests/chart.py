@@ -21,6 +21,7 @@ import yaml
 from kmock import ResourceInfo
 
 from emulator import KubeEmulator
+from operator_harness import BUILTINS
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "skylab"
@@ -28,25 +29,26 @@ TOOLS_PYTHON = REPO / ".venv-tools" / "bin" / "python"
 TOOLBOX = Path(__file__).with_name("toolbox.py")
 # The kinds the chart creates, beyond what operator_harness.declare_resources declares.
 CHART_KINDS = {
-    "v1/serviceaccounts": ("ServiceAccount", True),
-    "v1/persistentvolumeclaims": ("PersistentVolumeClaim", True),
-    "apps/v1/deployments": ("Deployment", True),
-    "apps/v1/statefulsets": ("StatefulSet", True),
-    "rbac.authorization.k8s.io/v1/clusterroles": ("ClusterRole", False),
-    "rbac.authorization.k8s.io/v1/clusterrolebindings": ("ClusterRoleBinding", False),
-    "rbac.authorization.k8s.io/v1/roles": ("Role", True),
-    "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True),
-    "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True),
-    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False),
-    "kopf.dev/v1/clusterkopfpeerings": ("ClusterKopfPeering", False),
-    "kopf.dev/v1/kopfpeerings": ("KopfPeering", True),
-    "monitoring.coreos.com/v1/servicemonitors": ("ServiceMonitor", True),
+    "v1/serviceaccounts": "ServiceAccount",
+    "v1/persistentvolumeclaims": "PersistentVolumeClaim",
+    "apps/v1/deployments": "Deployment",
+    "apps/v1/statefulsets": "StatefulSet",
+    "rbac.authorization.k8s.io/v1/clusterroles": "ClusterRole",
+    "rbac.authorization.k8s.io/v1/clusterrolebindings": "ClusterRoleBinding",
+    "rbac.authorization.k8s.io/v1/roles": "Role",
+    "rbac.authorization.k8s.io/v1/rolebindings": "RoleBinding",
+    "networking.k8s.io/v1/networkpolicies": "NetworkPolicy",
+    "apiextensions.k8s.io/v1/customresourcedefinitions": "CustomResourceDefinition",
+    "kopf.dev/v1/clusterkopfpeerings": "ClusterKopfPeering",
+    "kopf.dev/v1/kopfpeerings": "KopfPeering",
+    "monitoring.coreos.com/v1/servicemonitors": "ServiceMonitor",
 }
-# Declared by operator_harness for the operator's own calls.
-BUILT_IN_KINDS = {
-    "v1/secrets": ("Secret", True),
-    "v1/services": ("Service", True),
-    "batch/v1/jobs": ("Job", True),
+# The chart's kinds that are not namespaced.
+CLUSTER_SCOPED = {
+    "rbac.authorization.k8s.io/v1/clusterroles",
+    "rbac.authorization.k8s.io/v1/clusterrolebindings",
+    "apiextensions.k8s.io/v1/customresourcedefinitions",
+    "kopf.dev/v1/clusterkopfpeerings",
 }
 VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
 
@@ -74,9 +76,9 @@ class Release:
 
 
 def declare_chart_kinds(kube: KubeEmulator) -> None:
-    for name, (kind, namespaced) in CHART_KINDS.items():
+    for name, kind in CHART_KINDS.items():
         kube.resources[name] = ResourceInfo(
-            kind=kind, singular=kind.lower(), namespaced=namespaced, verbs=VERBS
+            kind=kind, singular=kind.lower(), namespaced=name not in CLUSTER_SCOPED, verbs=VERBS
         )
 
 
@@ -181,7 +183,8 @@ async def _helm(
 
 def resource_of(obj: dict[str, Any]) -> str:
     """The emulator's resource name ("apps/v1/deployments") of a rendered object."""
-    for name, (kind, _) in {**CHART_KINDS, **BUILT_IN_KINDS}.items():
+    kinds = {**{name: info.kind for name, info in BUILTINS.items()}, **CHART_KINDS}
+    for name, kind in kinds.items():
         if kind == obj["kind"] and name.rsplit("/", 1)[0] == obj["apiVersion"]:
             return name
     raise KeyError(f"{obj['apiVersion']} {obj['kind']} is not declared in the emulator")
