@@ -7,6 +7,7 @@ on a small bad example it must flag.
 from __future__ import annotations
 
 import importlib
+import shlex
 import subprocess
 import tomllib
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from tests.dockerfile import (
 )
 
 from skylab.controller.settings import OperatorSettings
-from skylab.executors.kubernetes import TRAINER_UID
+from skylab.executors.kubernetes import CACHE_ENV, CACHE_PATH, TRAINER_UID
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = ["Dockerfile.trainer", "Dockerfile.operator"]
@@ -143,6 +144,19 @@ def test_trainer_runs_as_the_uid_of_the_job_manifests() -> None:
     user = _dockerfile("Dockerfile.trainer").final.last("USER")
     assert user is not None
     assert user.value.partition(":")[0] == str(TRAINER_UID)
+
+
+def test_trainer_keeps_its_compile_caches_where_the_jobs_mount_the_cache() -> None:
+    final = _dockerfile("Dockerfile.trainer").final
+    volume = final.last("VOLUME")
+    assert volume is not None and volume.words() == [CACHE_PATH]
+    env = dict(
+        word.partition("=")[::2]
+        for instruction in final.instructions
+        if instruction.keyword == "ENV"
+        for word in shlex.split(instruction.value)
+    )
+    assert {name: env.get(name) for name in CACHE_ENV} == CACHE_ENV
 
 
 def test_operator_exposes_its_http_port() -> None:

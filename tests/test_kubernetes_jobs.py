@@ -1,4 +1,5 @@
-"""Job and Service manifests of a trial: one GPU, N GPUs, several nodes, Kueue."""
+"""Job and Service manifests of a trial: one GPU, N GPUs, several nodes, Kueue, the
+compile cache (and the operator setting that chooses it)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,23 @@ from typing import Any
 
 import pytest
 
-from skylab.api.models import TrialTemplate
+from skylab.api.models import TrialPhase, TrialTemplate
+from skylab.controller.reports import JobState, trial_ending
+from skylab.controller.settings import COMPILE_CACHE_VARIABLE, OperatorSettings
+from skylab.errors import UserError
 from skylab.executors.base import TrialLaunch
 from skylab.executors.kubernetes import (
     COMPLETION_INDEX,
     REPORT_MARGIN_SECONDS,
+    TRAINER_UID,
+    CompileCache,
     distributed_command,
     trial_job,
 )
 
 COMMIT = "a" * 40
 OWNER = {"apiVersion": "skylab.dev/v1alpha1", "kind": "Trial", "name": "c-0001", "uid": "u1"}
+NO_CACHE = CompileCache()
 
 
 def _launch(**changes: Any) -> TrialLaunch:
@@ -33,13 +40,14 @@ def _launch(**changes: Any) -> TrialLaunch:
     return TrialLaunch(**(fields | changes))
 
 
-def _job(template: dict[str, Any], **launch: Any) -> Any:
+def _job(template: dict[str, Any], compile_cache: CompileCache = NO_CACHE, **launch: Any) -> Any:
     return trial_job(
         _launch(**launch),
         TrialTemplate.model_validate({"image": "trainer:1", **template}),
         namespace="research",
         campaign="c",
         owner=OWNER,
+        compile_cache=compile_cache,
     )
 
 
@@ -158,3 +166,166 @@ def test_scheduling_fields_pass_through() -> None:
 )
 def test_distributed_command(command: str, gpus: int, nodes: int, expected: str) -> None:
     assert distributed_command(command, gpus, nodes) == expected
+
+
+# --- the compile cache ------------------------------------------------------------------
+
+NODE_CACHE = CompileCache(host_path="/var/cache/skylab/compile")
+SHARED_CACHE = CompileCache(claim_name="compile-cache")
+SINGLE_AND_MULTI_NODE = pytest.mark.parametrize(
+    "template",
+    [{"gpusPerNode": 1}, {"gpusPerNode": 8, "nodes": 4}],
+    ids=["one-pod", "four-nodes"],
+)
+
+
+def _cache(pod: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trainer's mount at /cache and the volume it mounts."""
+    (container,) = pod["containers"]
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == "/cache"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return mount, volume
+
+
+@SINGLE_AND_MULTI_NODE
+def test_a_node_cache_is_a_host_directory_handed_to_the_trainer_uid(
+    template: dict[str, Any],
+) -> None:
+    pod = _job(template, NODE_CACHE).job["spec"]["template"]["spec"]
+    mount, volume = _cache(pod)
+    assert volume["hostPath"] == {"path": "/var/cache/skylab/compile", "type": "DirectoryOrCreate"}
+    # A folder of the directory, never the directory itself, changes owner.
+    assert mount["subPath"] == f"uid-{TRAINER_UID}"
+    [owner] = pod["initContainers"]
+    assert owner["image"] == "trainer:1"
+    assert owner["command"] == ["chown", f"{TRAINER_UID}:{TRAINER_UID}", "/cache"]
+    assert owner["volumeMounts"] == [mount]
+    security = owner["securityContext"]
+    assert security["runAsUser"] == 0 and security["runAsNonRoot"] is False
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert security["allowPrivilegeEscalation"] is False
+    assert "nvidia.com/gpu" not in str(owner["resources"])
+    # The trainer itself stays as it was: non-root, every capability dropped.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (trainer,) = pod["containers"]
+    assert trainer["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+@SINGLE_AND_MULTI_NODE
+def test_a_claim_cache_is_mounted_as_it_is_with_no_root_container(
+    template: dict[str, Any],
+) -> None:
+    pod = _job(template, SHARED_CACHE).job["spec"]["template"]["spec"]
+    mount, volume = _cache(pod)
+    assert volume["persistentVolumeClaim"] == {"claimName": "compile-cache"}
+    assert "subPath" not in mount and "readOnly" not in mount
+    assert "initContainers" not in pod
+
+
+@SINGLE_AND_MULTI_NODE
+def test_without_a_cache_each_pod_compiles_into_an_empty_dir(template: dict[str, Any]) -> None:
+    pod = _job(template).job["spec"]["template"]["spec"]
+    mount, volume = _cache(pod)
+    assert volume["emptyDir"] == {} and "subPath" not in mount
+    assert "initContainers" not in pod
+
+
+def test_the_cache_env_points_into_the_volume_unless_the_campaign_sets_it() -> None:
+    (container,) = _job({}).job["spec"]["template"]["spec"]["containers"]
+    env = _env(container)
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == "/cache/torchinductor"
+    assert env["TRITON_CACHE_DIR"] == "/cache/triton"
+    (container,) = _job(
+        {"env": [{"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"}]},
+        env={"TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor"},
+    ).job["spec"]["template"]["spec"]["containers"]
+    names = [e["name"] for e in container["env"]]
+    assert names.count("TRITON_CACHE_DIR") == names.count("TORCHINDUCTOR_CACHE_DIR") == 1
+    env = _env(container)
+    assert env["TRITON_CACHE_DIR"] == "/tmp/triton"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/inductor"
+
+
+def test_the_cache_init_container_gets_the_trainer_cpu_and_memory() -> None:
+    pod = _job({"gpusPerNode": 2, "resources": {"cpu": "8", "memory": "64Gi"}}, NODE_CACHE).job[
+        "spec"
+    ]["template"]["spec"]
+    assert pod["initContainers"][0]["resources"] == {
+        "requests": {"cpu": "8", "memory": "64Gi"},
+        "limits": {"memory": "64Gi"},
+    }
+
+
+def test_a_trial_whose_cache_could_not_be_prepared_says_so() -> None:
+    pod = _job({}, NODE_CACHE).job["spec"]["template"]
+    [owner] = pod["spec"]["initContainers"]
+    assert owner["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    chown = "chown: changing ownership of '/cache': Read-only file system\n"
+    pod["metadata"]["name"] = "c-0001-x7k2p"
+    pod["status"] = {
+        "phase": "Failed",
+        "initContainerStatuses": [
+            {"name": owner["name"], "state": {"terminated": {"exitCode": 1, "message": chown}}}
+        ],
+        "containerStatuses": [
+            {"name": "trainer", "state": {"waiting": {"reason": "PodInitializing"}}}
+        ],
+    }
+    ending = trial_ending(
+        JobState(TrialPhase.FAILED, True, "BackoffLimitExceeded"), [pod], "val_bpb"
+    )
+    assert ending.reason == "NoReport"
+    assert ending.report.message == (
+        "the trainer never started: init container compile-cache exited 1: "
+        "chown: changing ownership of '/cache': Read-only file system"
+    )
+
+
+def test_a_cache_is_a_host_path_or_a_claim() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        CompileCache(host_path="/var/cache", claim_name="cache")
+
+
+REQUIRED = {
+    "SKYLAB_DATABASE_URL": "postgresql://skylab@db/skylab",
+    "SKYLAB_WORKSPACE_ROOT": "/var/lib/skylab/workspaces",
+    "SKYLAB_GIT_URL": "http://skylab.skylab.svc:8080/git",
+}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, NO_CACHE),
+        ("", NO_CACHE),
+        ("hostPath:/var/cache/skylab/compile", NODE_CACHE),
+        (" hostPath:/var/cache/skylab/compile/ ", NODE_CACHE),
+        ("claim:compile-cache", SHARED_CACHE),
+    ],
+)
+def test_the_compile_cache_setting(value: str | None, expected: CompileCache) -> None:
+    env = REQUIRED if value is None else REQUIRED | {COMPILE_CACHE_VARIABLE: value}
+    assert OperatorSettings.from_env(env).compile_cache == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("hostPath:var/cache", "hostPath needs an absolute directory"),
+        ("hostPath:/", "other than /"),
+        ("hostPath:/var/../etc", "without '..'"),
+        ("hostPath:", "absolute directory"),
+        ("claim:Compile_Cache", "claim needs a PersistentVolumeClaim name"),
+        ("claim:", "PersistentVolumeClaim name"),
+        ("/var/cache/skylab", "expected hostPath:/DIRECTORY, claim:NAME or nothing"),
+        ("emptyDir", "expected hostPath:/DIRECTORY"),
+    ],
+)
+def test_a_bad_compile_cache_setting_is_one_line_naming_the_variable(
+    value: str, expected: str
+) -> None:
+    with pytest.raises(UserError) as raised:
+        OperatorSettings.from_env(REQUIRED | {COMPILE_CACHE_VARIABLE: value})
+    message = str(raised.value)
+    assert message.startswith(f"{COMPILE_CACHE_VARIABLE}: ") and "\n" not in message
+    assert expected in message and repr(value) in message

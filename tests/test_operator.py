@@ -7,6 +7,7 @@ the operator creates to an outcome they choose, and check what the operator make
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from threading import Event
 from typing import Any
 
@@ -47,6 +48,7 @@ from operator_harness import (  # noqa: F401  # fixtures register under their ow
 from skylab.controller.kubeapi import KubeApi, load_client
 from skylab.controller.main import Health, build_operator
 from skylab.controller.settings import OperatorSettings
+from skylab.executors.kubernetes import CompileCache
 from skylab.store import Store
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(900)]
@@ -129,11 +131,12 @@ async def test_parallelism_keeps_exactly_that_many_jobs_running(
         assert 'skylab_campaigns{phase="Running"} 1.0' in gauges()
 
 
-async def test_a_multi_gpu_trial_runs_torchrun_with_gpu_requests(
+async def test_a_multi_gpu_trial_runs_torchrun_with_gpu_requests_and_the_compile_cache(
     kube: KubeEmulator, settings: OperatorSettings
 ) -> None:
     campaign = sweep_campaign("gpus", trialTemplate={"gpusPerNode": 4})
-    async with running_operator(kube, settings):
+    cache = CompileCache(host_path="/var/cache/skylab/compile")
+    async with running_operator(kube, dataclasses.replace(settings, compile_cache=cache)):
         await create(kube, CAMPAIGNS, campaign)
         await eventually(lambda: stored(kube, JOBS, NAMESPACE, "gpus-0001"), timeout=SLOW)
     spec = job(kube, "gpus-0001")["spec"]
@@ -147,6 +150,11 @@ async def test_a_multi_gpu_trial_runs_torchrun_with_gpu_requests(
     assert (spec["backoffLimit"], spec["template"]["spec"]["restartPolicy"]) == (0, "Never")
     owner = job(kube, "gpus-0001")["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"]) == ("Trial", trial["metadata"]["uid"])
+    # The operator's compile cache setting reaches the pod.
+    pod = spec["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if "hostPath" in v]
+    assert volume["hostPath"]["path"] == cache.host_path
+    assert [c["command"][0] for c in pod["initContainers"]] == ["chown"]
 
 
 async def test_a_two_node_trial_gets_an_indexed_job_and_a_headless_service(

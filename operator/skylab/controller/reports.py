@@ -88,6 +88,9 @@ def trial_ending(state: JobState, pods: list[Manifest], metric_name: str) -> End
     if pod is None:
         detail = state.message or "its pod is gone (node lost or pod deleted)"
         return failed("NoReport", f"the Job ended without a report: {detail}")
+    init = _failed_init(pod)
+    if terminated is None and init is not None:
+        return failed("NoReport", f"the trainer never started: {init}")
     code = (terminated or {}).get("exitCode")
     return failed("NoReport", f"the trainer exited (code {code}) without writing a report")
 
@@ -142,4 +145,15 @@ def _terminated(pod: Manifest) -> dict[str, Any] | None:
         if container.get("name") == CONTAINER:
             state = (container.get("state") or {}).get("terminated")
             return dict(state) if state else None
+    return None
+
+
+def _failed_init(pod: Manifest) -> str | None:
+    """What an init container that failed (the compile cache's) said, if one did."""
+    for container in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        state = (container.get("state") or {}).get("terminated") or {}
+        if state.get("exitCode", 0) != 0:
+            detail = " ".join(str(state.get("message") or state.get("reason") or "").split())
+            said = f": {detail}" if detail else ""
+            return f"init container {container.get('name')} exited {state['exitCode']}{said}"
     return None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 from skylab.errors import UserError
+from skylab.executors.kubernetes import CompileCache
 from skylab.experiments import search_path
 from skylab.store.url import URL_VARIABLE
 
@@ -18,6 +20,10 @@ HTTP_PORT_VARIABLE = "SKYLAB_HTTP_PORT"
 RESYNC_VARIABLE = "SKYLAB_RESYNC_SECONDS"
 PROGRESS_VARIABLE = "SKYLAB_PROGRESS_SECONDS"
 RETRY_VARIABLE = "SKYLAB_RETRY_SECONDS"
+# hostPath:/DIRECTORY, claim:NAME, or empty (an emptyDir: nothing kept between trials).
+COMPILE_CACHE_VARIABLE = "SKYLAB_COMPILE_CACHE"
+# A PersistentVolumeClaim's name: a DNS subdomain (RFC 1123).
+_CLAIM_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,8 @@ class OperatorSettings:
     progress_seconds: float = 10.0
     # How long a handler that failed (API server or database unreachable) waits to retry.
     retry_seconds: float = 10.0
+    # What trainer pods mount at /cache for torch.compile (see CompileCache).
+    compile_cache: CompileCache = field(default_factory=CompileCache)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorSettings:
@@ -56,6 +64,31 @@ class OperatorSettings:
                 raise UserError(f"{name}: expected a positive number, got {text!r}")
             return value
 
+        def compile_cache(name: str) -> CompileCache:
+            text = env.get(name, "").strip()
+            if not text:
+                return CompileCache()
+            kind, _, where = text.partition(":")
+            if kind == "hostPath":
+                path = PurePosixPath(where)
+                if not path.is_absolute() or ".." in path.parts or len(path.parts) < 2:
+                    raise UserError(
+                        f"{name}: hostPath needs an absolute directory other than / and "
+                        f"without '..', got {text!r}"
+                    )
+                return CompileCache(host_path=str(path))
+            if kind == "claim":
+                if len(where) > 253 or not _CLAIM_NAME.fullmatch(where):
+                    raise UserError(
+                        f"{name}: claim needs a PersistentVolumeClaim name (lower-case "
+                        f"letters, digits, '-' and '.'), got {text!r}"
+                    )
+                return CompileCache(claim_name=where)
+            raise UserError(
+                f"{name}: expected hostPath:/DIRECTORY, claim:NAME or nothing (no cache "
+                f"kept between trials), got {text!r}"
+            )
+
         folders = env.get(EXPERIMENTS_VARIABLE, "").strip()
         experiment_dirs = (
             tuple(Path(p) for p in folders.split(os.pathsep) if p)
@@ -71,4 +104,5 @@ class OperatorSettings:
             resync_seconds=number(RESYNC_VARIABLE, 60.0),
             progress_seconds=number(PROGRESS_VARIABLE, 10.0),
             retry_seconds=number(RETRY_VARIABLE, 10.0),
+            compile_cache=compile_cache(COMPILE_CACHE_VARIABLE),
         )

@@ -149,6 +149,7 @@ class TrialController:
             namespace=context.namespace,
             campaign=context.name,
             owner=owner_reference(trial),
+            compile_cache=self.opener.settings.compile_cache,
         )
         if manifests.service is not None:
             self.api.create(manifests.service)

@@ -3,7 +3,8 @@
 One node: a Job of one pod; N GPUs run `torchrun --standalone --nproc_per_node=N`.
 Several nodes: an Indexed Job (completions = parallelism = nodes) plus a headless
 Service, and torchrun rendezvous through PET_* env the way PyTorchJob sets it: the
-master is pod 0's DNS name, the node rank is the pod's completion index.
+master is pod 0's DNS name, the node rank is the pod's completion index. Every trainer
+container mounts the operator's compile cache (CompileCache) at /cache.
 """
 
 from __future__ import annotations
@@ -26,9 +27,38 @@ MASTER_PORT = 29500
 TRAINER_UID = 1000
 DATA_VOLUME = "data"
 SHM_VOLUME = "dshm"  # NCCL and dataloader workers need more than the 64 MiB default
+CACHE_VOLUME = "compile-cache"
+CACHE_PATH = "/cache"
+# Where torch.compile keeps what it compiled: the trainer image (Dockerfile.trainer) sets
+# the same, the Job sets them too so that a Campaign's own image uses the volume as well.
+CACHE_ENV = {
+    "TORCHINDUCTOR_CACHE_DIR": f"{CACHE_PATH}/torchinductor",
+    "TRITON_CACHE_DIR": f"{CACHE_PATH}/triton",
+}
+# The trainer's folder in a node's cache directory (see _cache_owner).
+CACHE_SUBPATH = f"uid-{TRAINER_UID}"
 # The trainer stops the command this long before the Job deadline, so that its
 # timeout report, not the deadline, ends the trial.
 REPORT_MARGIN_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class CompileCache:
+    """What trainer pods mount at /cache, where torch.compile keeps its kernels.
+
+    HOST_PATH: a directory on each node (created if missing), shared by the trials that
+    run there, so that all but the first start warm. CLAIM_NAME: a PersistentVolumeClaim
+    in the trial's namespace (ReadWriteMany to share it across nodes). Neither: an
+    emptyDir, so every trial compiles cold. Entries are named by hashes of what was
+    compiled, so trials and campaigns can share one cache.
+    """
+
+    host_path: str | None = None
+    claim_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.host_path is not None and self.claim_name is not None:
+            raise ValueError("a compile cache is a host path or a claim, not both")
 
 
 @dataclass(frozen=True)
@@ -61,6 +91,7 @@ def trial_job(
     campaign: str,
     owner: Manifest,
     experiment_path: str = ".",
+    compile_cache: CompileCache = CompileCache(),
 ) -> TrialJob:
     """The Job (and Service) of one trial, owned by OWNER (the Trial's ownerReference)."""
     name = launch.name
@@ -81,9 +112,13 @@ def trial_job(
             "fsGroup": TRAINER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_container(launch, template, name, namespace, experiment_path)],
-        "volumes": _volumes(template),
+        "containers": [
+            _container(launch, template, name, namespace, experiment_path, compile_cache)
+        ],
+        "volumes": _volumes(template, compile_cache),
     }
+    if compile_cache.host_path is not None:
+        pod_spec["initContainers"] = [_cache_owner(template)]
     if multi_node:
         pod_spec["subdomain"] = name  # pods resolve as <job>-<index>.<service>
     if template.node_selector:
@@ -128,7 +163,12 @@ def _metadata(name: str, namespace: str, labels: dict[str, str], owner: Manifest
 
 
 def _container(
-    launch: TrialLaunch, template: TrialTemplate, name: str, namespace: str, experiment_path: str
+    launch: TrialLaunch,
+    template: TrialTemplate,
+    name: str,
+    namespace: str,
+    experiment_path: str,
+    compile_cache: CompileCache,
 ) -> Manifest:
     command = distributed_command(launch.command, template.gpus_per_node, template.nodes)
     trainer_wall_time = max(launch.max_wall_time_seconds - REPORT_MARGIN_SECONDS, 1)
@@ -147,26 +187,15 @@ def _container(
         env.append(_env("SKYLAB_DATA_DIR", template.data_volume.mount_path))
     if template.nodes > 1:
         env += _rendezvous_env(name, namespace, template)
+    given = {*launch.env, *(var.name for var in template.env)}
+    env += [_env(key, value) for key, value in CACHE_ENV.items() if key not in given]
     env += [_env(key, value) for key, value in launch.env.items()]
     env += [_env(var.name, var.value) for var in template.env]
 
-    requests: dict[str, str] = {}
-    if template.resources.cpu:
-        requests["cpu"] = template.resources.cpu
-    if template.resources.memory:
-        requests["memory"] = template.resources.memory
-    limits: dict[str, str] = {}
-    if template.gpus_per_node > 0:
-        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(template.gpus_per_node)
-    if template.resources.memory:
-        limits["memory"] = template.resources.memory
-    resources: Manifest = {}
-    if requests:
-        resources["requests"] = requests
-    if limits:
-        resources["limits"] = limits
-
-    mounts: list[Manifest] = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
+    mounts: list[Manifest] = [
+        {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+        _cache_mount(compile_cache),
+    ]
     if template.data_volume is not None:
         mounts.append(
             {"name": DATA_VOLUME, "mountPath": template.data_volume.mount_path, "readOnly": True}
@@ -176,7 +205,7 @@ def _container(
         "image": template.image,
         "args": ["run"],
         "env": env,
-        "resources": resources,
+        "resources": _resources(template, gpus=True),
         "volumeMounts": mounts,
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "File",
@@ -190,6 +219,68 @@ def _container(
     return container
 
 
+def _resources(template: TrialTemplate, *, gpus: bool) -> Manifest:
+    requests: dict[str, str] = {}
+    if template.resources.cpu:
+        requests["cpu"] = template.resources.cpu
+    if template.resources.memory:
+        requests["memory"] = template.resources.memory
+    limits: dict[str, str] = {}
+    if gpus and template.gpus_per_node > 0:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(template.gpus_per_node)
+    if template.resources.memory:
+        limits["memory"] = template.resources.memory
+    resources: Manifest = {}
+    if requests:
+        resources["requests"] = requests
+    if limits:
+        resources["limits"] = limits
+    return resources
+
+
+def _cache_mount(compile_cache: CompileCache) -> Manifest:
+    mount: Manifest = {"name": CACHE_VOLUME, "mountPath": CACHE_PATH}
+    if compile_cache.host_path is not None:
+        mount["subPath"] = CACHE_SUBPATH
+    return mount
+
+
+def _cache_owner(template: TrialTemplate) -> Manifest:
+    """The init container that gives the node's cache folder to the trainer's uid.
+
+    The kubelet creates a hostPath directory, and a subPath in it, owned by root, and
+    fsGroup does not apply to hostPath volumes, so the trainer (uid 1000) could not
+    write there. Asking node admins to prepare the directory breaks trials on any node
+    where nobody did; this container does it before every trial, idempotently: `chown`
+    as root with CAP_CHOWN alone, in the trainer's image (already on the node). It
+    changes only the uid-1000 folder inside the configured directory, not recursively:
+    neither the directory itself (a mistaken path such as /var hands nothing to uid
+    1000) nor what trials wrote. The baseline Pod Security Standard allows root with
+    CAP_CHOWN but not hostPath (only privileged does), so this container needs nothing
+    the volume did not; claims and emptyDir get no such container and stay within the
+    restricted Standard. Its resources are the trainer's CPU and memory: it fits
+    wherever the trainer does (ResourceQuota, LimitRange), and the pod asks for no more
+    (of init containers only the largest request counts).
+    """
+    return {
+        "name": CACHE_VOLUME,
+        "image": template.image,
+        "command": ["chown", f"{TRAINER_UID}:{TRAINER_UID}", CACHE_PATH],
+        "resources": _resources(template, gpus=False),
+        "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": CACHE_PATH, "subPath": CACHE_SUBPATH}],
+        # chown's error, if any, becomes the Trial's message (reports.trial_ending).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+        },
+    }
+
+
 def _rendezvous_env(name: str, namespace: str, template: TrialTemplate) -> list[Manifest]:
     return [
         _env("PET_NNODES", str(template.nodes)),
@@ -200,8 +291,16 @@ def _rendezvous_env(name: str, namespace: str, template: TrialTemplate) -> list[
     ]
 
 
-def _volumes(template: TrialTemplate) -> list[Manifest]:
+def _volumes(template: TrialTemplate, compile_cache: CompileCache) -> list[Manifest]:
     volumes: list[Manifest] = [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}]
+    cache: Manifest = {"name": CACHE_VOLUME}
+    if compile_cache.host_path is not None:
+        cache["hostPath"] = {"path": compile_cache.host_path, "type": "DirectoryOrCreate"}
+    elif compile_cache.claim_name is not None:
+        cache["persistentVolumeClaim"] = {"claimName": compile_cache.claim_name}
+    else:
+        cache["emptyDir"] = {}
+    volumes.append(cache)
     if template.data_volume is not None:
         claim = {"claimName": template.data_volume.claim_name, "readOnly": True}
         volumes.append({"name": DATA_VOLUME, "persistentVolumeClaim": claim})
