@@ -26,7 +26,7 @@ from operator_harness import kmock_options_fixture, kube_fixture, kubeconfig_fix
 from skylab.api.models import TrialTemplate
 from skylab.controller.settings import OperatorSettings
 from skylab.executors.base import TrialLaunch
-from skylab.executors.kubernetes import trial_job
+from skylab.executors.kubernetes import CompileCache, trial_job
 
 REPO = Path(__file__).resolve().parents[1]
 VALUES_FILES = sorted((REPO / "examples" / "values").glob("*.yaml"))
@@ -140,6 +140,7 @@ def _defaults_wire_the_operator_its_database_and_the_trainer_pods(release: Relea
         f"postgresql://skylab:{password.decode()}@skylab-postgres.default.svc:5432/skylab"
     )
     assert settings.git_url == "http://skylab.default.svc:8080/git"
+    assert settings.compile_cache == CompileCache(host_path="/var/cache/skylab/compile")
     # NOTES.txt walks through a first campaign and reading its results.
     assert "kubectl -n default get trials -w" in release.notes
     assert "skylab history --tag default/gpt-sweep --database-url" in release.notes
@@ -254,6 +255,68 @@ SPECIFIC_CHECKS: dict[str, Callable[[Release], None]] = {
 }
 
 
+def _compile_cache(values: dict[str, Any]) -> dict[str, Any]:
+    return {"trainer": {"compileCache": values}}
+
+
+@pytest.mark.asyncio
+async def test_the_compile_cache_values_reach_the_jobs_of_every_trial(
+    kube: KubeEmulator, kubeconfig: Path
+) -> None:
+    # One Helm process: install with the default (a node directory), then upgrade to a
+    # claim, then to no cache.
+    modes = [
+        ({}, CompileCache(host_path="/var/cache/skylab/compile")),
+        (
+            _compile_cache({"existingClaim": "compile-cache"}),
+            CompileCache(claim_name="compile-cache"),
+        ),
+        (_compile_cache({"enabled": False, "existingClaim": "compile-cache"}), CompileCache()),
+    ]
+    releases = await helm_revisions(kube, kubeconfig, [values for values, _ in modes])
+
+    example = yaml.safe_load((REPO / "examples" / "campaign-multigpu.yaml").read_text())
+    launch = TrialLaunch(
+        name="gpt-ddp-0001",
+        repo="http://skylab.default.svc:8080/git/default/gpt-ddp.git",
+        commit="a" * 40,
+        command="python train.py",
+        time_budget_seconds=300,
+        max_wall_time_seconds=900,
+        metric_name="val_bpb",
+        metric_pattern=r"^val_bpb:\s+(\S+)",
+    )
+    owner = {"apiVersion": "skylab.dev/v1alpha1", "kind": "Trial", "name": launch.name, "uid": "1"}
+    objects = []
+    for (values, expected), release in zip(modes, releases, strict=True):
+        [container] = release.one("Deployment")["spec"]["template"]["spec"]["containers"]
+        settings = OperatorSettings.from_env(_container_env(container, release))
+        assert settings.compile_cache == expected, values
+        for nodes in (1, 2):
+            template = TrialTemplate.model_validate(
+                example["spec"]["trialTemplate"] | {"nodes": nodes}
+            )
+            planned = trial_job(
+                launch,
+                template,
+                namespace="default",
+                campaign="gpt-ddp",
+                owner=owner,
+                compile_cache=settings.compile_cache,
+            )
+            pod = planned.job["spec"]["template"]["spec"]
+            [mount] = [
+                m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/cache"
+            ]
+            assert mount["name"] in [v["name"] for v in pod["volumes"]]
+            objects += [planned.job] + ([planned.service] if planned.service else [])
+    # What each mode adds to a Job (hostPath, subPath, an init container) is schema-valid.
+    problems = await asyncio.to_thread(
+        run_tool, "validate", KUBERNETES_VERSION, stdin=json.dumps(objects)
+    )
+    assert problems == []
+
+
 # Each refused with an error that names the field (one Helm process for all of them).
 BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"replicaCount": "two"}, "replicaCount"),
@@ -261,6 +324,11 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"watchNamespaces": ["Research_A"]}, "watchNamespaces"),
     ({"replicas": 2}, "replicas"),
     ({"replicaCount": 2, "peering": {"enabled": False}}, "peering.enabled"),
+    (_compile_cache({"hostPath": "var/cache/skylab"}), "hostPath"),
+    (_compile_cache({"hostPath": "/var/cache/../../etc"}), "hostPath"),
+    (_compile_cache({"hostPath": None}), "trainer.compileCache.hostPath"),
+    (_compile_cache({"existingClaim": "Compile_Cache"}), "existingClaim"),
+    (_compile_cache({"claimName": "compile-cache"}), "claimName"),
 ]
 
 

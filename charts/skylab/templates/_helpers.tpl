@@ -66,6 +66,17 @@ app.kubernetes.io/component: database
 {{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) -}}
 {{- end -}}
 
+{{/* What trainer pods mount at /cache (SKYLAB_COMPILE_CACHE): hostPath:DIR, claim:NAME or nothing. */}}
+{{- define "skylab.compileCache" -}}
+{{- with .Values.trainer.compileCache -}}
+{{- if and .enabled .existingClaim -}}
+claim:{{ .existingClaim }}
+{{- else if .enabled -}}
+hostPath:{{ required "trainer.compileCache.hostPath: a directory, unless existingClaim is set or enabled is false" .hostPath }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Where trainer pods fetch a campaign's commits from: the operator's Service. */}}
 {{- define "skylab.gitUrl" -}}
 {{- printf "http://%s.%s.svc:%d/git" (include "skylab.fullname" .) .Release.Namespace (int .Values.service.port) -}}
