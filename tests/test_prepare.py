@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import sysconfig
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -29,14 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt_pretrain import UNICODE_LINES, write_text_corpus
+
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "gpt-pretrain"
 VOCAB = 512
-UNICODE_LINES = [
-    "naïve café, déjà vu — Größe, Ærøskøbing",
-    "東京都は日本の首都です。 北京欢迎你",
-    "Ελληνικά, русский язык, עברית, العربية",
-    "emoji: 🚀🔥👩‍💻 and math: ∑∫√∞ ≠ ≤",
-]
 
 
 def load_prepare() -> ModuleType:
@@ -52,19 +47,6 @@ def load_prepare() -> ModuleType:
 @pytest.fixture(scope="module")
 def prepare() -> ModuleType:
     return load_prepare()
-
-
-def write_text_corpus(root: Path) -> Path:
-    """About 400 KB: stdlib sources (long documents) plus many short unicode notes."""
-    root.mkdir(parents=True)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for package in ("json", "email"):
-        for source in sorted((stdlib / package).glob("*.py")):
-            (root / f"{package}_{source.name}").write_text(source.read_text(encoding="utf-8"))
-    for i in range(300):
-        note = f"Note {i}.\n{UNICODE_LINES[i % len(UNICODE_LINES)]}\nvalue = {i * 37 % 101}\n"
-        (root / f"note_{i:03d}.txt").write_text(note, encoding="utf-8")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -68,3 +68,25 @@ def test_the_reference_is_not_blind_to_the_window(train: ModuleType) -> None:
     cos, sin = train.rotary_tables(SEQ, HEAD_DIM)
     x = torch.randn(1, SEQ, DIM)
     assert not torch.allclose(full(x, cos, sin), sliding(x, cos, sin), atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [7, 1], ids=["sliding", "self-only"])
+def test_flex_attention_matches_the_naive_reference(train: ModuleType, window: int) -> None:
+    # The block-sparse path CUDA runs compiled; forward only, since FlexAttention has no
+    # backward pass on the CPU (its gradients are torch's own kernels).
+    torch.manual_seed(0)
+    attention = train.Attention(DIM, HEAD_DIM, window, SEQ).float()
+    attention.use_flex_attention()
+    assert attention.block_mask is not None
+    cos, sin = train.rotary_tables(SEQ, HEAD_DIM)
+    x = torch.randn(2, SEQ, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            attention(x, cos, sin), _naive(attention, train, x, (cos, sin)), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_full_layers_keep_sdpa_under_flex(train: ModuleType) -> None:
+    attention = train.Attention(DIM, HEAD_DIM, SEQ, SEQ)
+    attention.use_flex_attention()
+    assert attention.block_mask is None

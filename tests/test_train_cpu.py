@@ -35,6 +35,11 @@ SUMMARY_NAMES = [
     "num_steps",
     "num_params_M",
     "depth",
+    "tokens_per_second",
+    "first_step_seconds",
+    "eval_seconds",
+    "data_wait_seconds",
+    "world_size",
 ]
 
 pytestmark = pytest.mark.slow
@@ -124,10 +129,15 @@ def test_cpu_profile_trains_and_reports(
     assert all(p.tokens_per_second and p.tokens_per_second > 0 for p in progress)
     assert progress[-1].percent_done == 100.0 and progress[-1].seconds_left == 0
 
-    # autoresearch's block: `---`, then `name:` padded to 18 columns, nothing after.
+    # autoresearch's block: `---`, then `name:` padded to 18 columns (one space after a
+    # longer name), nothing after.
     block = lines[lines.index("---") + 1 :]
     assert [line.split(":")[0] for line in block] == SUMMARY_NAMES
-    assert all(re.fullmatch(r"[a-z_M]+: +\S+", line) and line[18] != " " for line in block)
+    for line in block:
+        match = re.fullmatch(r"([a-z_M]+:) +(\S+)", line)
+        assert match, line
+        name, value = match.groups()
+        assert line.index(value) == max(18, len(name) + 1), line
     summary = parse_summary(lines)
     assert 0 < summary["val_bpb"] < 100 and math.isfinite(summary["val_bpb"])
     assert summary["num_steps"] == progress[-1].step > 0
@@ -135,6 +145,9 @@ def test_cpu_profile_trains_and_reports(
     assert summary["total_seconds"] >= summary["training_seconds"]
     assert summary["peak_vram_mb"] == 0.0
     assert summary["depth"] == load_experiment(EXPERIMENT, "cpu").constants["train.py"]["DEPTH"]
+    assert summary["world_size"] == 1
+    assert summary["first_step_seconds"] <= summary["total_seconds"]
+    assert summary["tokens_per_second"] > 0 and summary["eval_seconds"] > 0
     # The experiment's metric_pattern reads the same value the block holds.
     pattern = re.compile(load_experiment(EXPERIMENT, "cpu").search.metric_pattern, re.MULTILINE)
     assert find_metric(result.stdout, pattern) == f"{summary['val_bpb']:.6f}"

@@ -567,17 +567,33 @@ def shard_paths(split: str, directory: str | Path | None = None) -> list[Path]:
     return [shards / name for name in names]
 
 
-def _document_batches(paths: list[Path], batch_docs: int = 128) -> Iterator[tuple[list[str], int]]:
-    """Endless batches of texts with the epoch (1, 2, ...) they belong to."""
+def _document_batches(
+    paths: list[Path], rank: int = 0, world_size: int = 1, batch_docs: int = 128
+) -> Iterator[tuple[list[str], int]]:
+    """Endless batches of texts with the epoch (1, 2, ...) they belong to. Of the whole
+    stream of batches, RANK gets every WORLD_SIZE-th one: data-parallel ranks read
+    disjoint documents, and each tokenizes only its own share."""
     epoch = 1
+    index = 0
     while True:
         for path in paths:
             parquet = pq.ParquetFile(path)
             for group in range(parquet.num_row_groups):
                 texts = parquet.read_row_group(group, columns=["text"]).column(0).to_pylist()
                 for start in range(0, len(texts), batch_docs):
-                    yield texts[start : start + batch_docs], epoch
+                    if index % world_size == rank:
+                        yield texts[start : start + batch_docs], epoch
+                    index += 1
         epoch += 1
+
+
+def encode_threads() -> int:
+    """Tokenizer threads for one loader: this process's share of the CPUs it may use
+    (tiktoken releases the GIL while it encodes), at most 8. torchrun's
+    LOCAL_WORLD_SIZE says how many ranks share the machine."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, min(8, (cpus or 1) // max(1, local_ranks)))
 
 
 class _DocumentPool:
@@ -608,9 +624,15 @@ class _DocumentPool:
 
 
 def packed_rows(
-    tokenizer: Tokenizer, paths: list[Path], batch_size: int, seq_len: int
+    tokenizer: Tokenizer,
+    paths: list[Path],
+    batch_size: int,
+    seq_len: int,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[np.ndarray, int]]:
-    """Endless [batch_size, seq_len + 1] token arrays with the current epoch.
+    """Endless [batch_size, seq_len + 1] token arrays with the current epoch, from this
+    rank's share of the documents (see _document_batches).
 
     Every row starts at a BOS-prefixed document. Each slot takes the longest pooled
     document that still fits; when none fits, the shortest is cropped to fill the row,
@@ -619,7 +641,8 @@ def packed_rows(
     width = seq_len + 1
     # Enough candidates for tight packing; more would only delay the first batch.
     pool_docs = POOL_DOCS_PER_ROW * batch_size
-    batches = _document_batches(paths)
+    batches = _document_batches(paths, rank, world_size)
+    threads = encode_threads()
     pool = _DocumentPool()
     epoch = 1
     while True:
@@ -629,7 +652,7 @@ def packed_rows(
             while filled < width:
                 while len(pool) < pool_docs:
                     texts, epoch = next(batches)
-                    for doc in tokenizer.encode_batch(texts, prepend_bos=True):
+                    for doc in tokenizer.encode_batch(texts, True, threads):
                         pool.add(doc)
                 room = width - filled
                 doc = pool.take_longest_fitting(room)
@@ -650,10 +673,14 @@ class DataLoader:
 
     inputs and targets are int64 [batch_size, seq_len]; targets are inputs shifted by
     one. On CUDA the batches are staged in pinned memory and copied non-blocking.
+    wait_seconds adds up the time callers spent waiting for a batch: well above zero,
+    the loader is slower than the consumer.
     """
 
     def __init__(self, rows: Iterator[tuple[np.ndarray, int]], device: torch.device, depth: int):
         self.device = device
+        self.wait_seconds = 0.0
+        self.epoch = 1  # of the last batch handed out
         self._pinned = device.type == "cuda"
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -686,12 +713,17 @@ class DataLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        item = self._queue.get()
+        try:
+            item = self._queue.get_nowait()
+        except queue.Empty:
+            started = time.perf_counter()
+            item = self._queue.get()
+            self.wait_seconds += time.perf_counter() - started
         if isinstance(item, _Failure):
             raise RuntimeError("the dataloader thread failed") from item.error
-        staged, epoch = item
+        staged, self.epoch = item
         batch = staged.to(self.device, non_blocking=self._pinned)
-        return batch[0], batch[1], epoch
+        return batch[0], batch[1], self.epoch
 
     def close(self) -> None:
         """Stop the producer thread and wait for it (it exits at its next queue
@@ -709,12 +741,16 @@ def make_dataloader(
     device: str | torch.device = "cpu",
     *,
     directory: str | Path | None = None,
-    prefetch: int = 2,
+    prefetch: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """Endless (inputs, targets, epoch) batches of SPLIT, BOS-aligned and best-fit packed."""
+    """Endless (inputs, targets, epoch) batches of SPLIT, BOS-aligned and best-fit packed,
+    from RANK's share of the documents when WORLD_SIZE ranks train data-parallel."""
     import torch
 
-    rows = packed_rows(tokenizer, shard_paths(split, directory), batch_size, seq_len)
+    paths = shard_paths(split, directory)
+    rows = packed_rows(tokenizer, paths, batch_size, seq_len, rank, world_size)
     return DataLoader(rows, torch.device(device), prefetch)
 
 
@@ -741,26 +777,38 @@ def evaluate_bpb(model: torch.nn.Module, tokenizer: Tokenizer, batch_size: int) 
     MAX_SEQ_LEN tokens; max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN)) batches are
     scored (the shard wraps around if it is shorter). Run it under the autocast the
     model trains with.
+
+    Under torch.distributed every rank calls it: each packs the same batches, scores
+    every world_size-th one, and the sums are added up across ranks, so the result is
+    the one a single process gets.
     """
     import torch
+    import torch.distributed as dist
 
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = _device_of(model)
     token_bytes = tokenizer.token_bytes.to(device)
     steps = max(1, EVAL_TOKENS // (batch_size * MAX_SEQ_LEN))
     loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device)
-    total_nats = 0.0
-    total_bytes = 0
+    # Accumulated on the device, read once: no host sync per batch.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # nats, bytes
     try:
-        for _ in range(steps):
+        for step in range(steps):
             inputs, targets, _ = next(loader)
+            if step % world_size != rank:
+                continue
             with torch.no_grad():
                 losses = model(inputs, targets, reduction="none").reshape(-1).float()
             nbytes = token_bytes[targets.reshape(-1)]
             counted = nbytes > 0
-            total_nats += torch.where(counted, losses, 0.0).sum().item()
-            total_bytes += int(nbytes.sum().item())
+            sums[0] += torch.where(counted, losses, 0.0).sum(dtype=torch.float64)
+            sums[1] += nbytes.sum(dtype=torch.float64)
     finally:
         loader.close()
+    if distributed:
+        dist.all_reduce(sums)
+    total_nats, total_bytes = sums.tolist()
     return total_nats / (math.log(2) * total_bytes)
 
 

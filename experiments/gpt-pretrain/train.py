@@ -2,9 +2,13 @@
 the research strategies edit; prepare.py (data, tokenizer, evaluation) is frozen.
 
     python train.py            # cwd = this directory; data from `python prepare.py`
+    torchrun --standalone --nproc_per_node=8 train.py      # data-parallel on 8 GPUs
 
 Environment: SKYLAB_TIME_BUDGET (training seconds, default 300), SKYLAB_DEVICE (cuda,
-mps, cpu, ...; overrides DEVICE), SKYLAB_DATA_DIR (the prepared data).
+mps, cpu, ...; overrides DEVICE), SKYLAB_DATA_DIR (the prepared data). Under torchrun
+(RANK, LOCAL_RANK, WORLD_SIZE set) every rank trains on its own share of the documents,
+gradients are averaged across ranks, and TOTAL_BATCH_SIZE is the global batch, so one
+step means the same on 1 and N GPUs; rank 0 alone prints.
 
 Output: one progress line per step (at most one per PROGRESS_SECONDS once the first
 steps are printed), in the format of skylab_trainer/progress.py, then a summary block
@@ -21,13 +25,17 @@ T_START = time.time()  # wall clock of the whole run, imports included
 import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from contextlib import AbstractContextManager, closing, nullcontext  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Hyperparameters: module-level literals, one per line (a sweep tool rewrites them)
@@ -67,6 +75,7 @@ GRAD_CLIP = 0.0  # max gradient norm of the AdamW parameters (0 = off)
 SEED = 42  # torch RNG seed
 DEVICE = "auto"  # auto picks cuda > mps > cpu; env SKYLAB_DEVICE overrides
 COMPILE = True  # torch.compile the model on CUDA (never on CPU/MPS)
+FLEX_ATTENTION = True  # compiled: sliding-window layers use FlexAttention, not a dense mask
 TIMING_SKIP_STEPS = 10  # first CUDA steps (compile, autotune) not counted against TIME_BUDGET
 PROGRESS_SECONDS = 1.0  # at most one progress line per this many seconds after step 10
 MAX_LOSS = 100.0  # a training loss above this (or NaN) aborts the run
@@ -127,6 +136,23 @@ class Attention(nn.Module):
             distance = pos[:, None] - pos[None, :]
             mask = (distance >= 0) & (distance < window)
         self.register_buffer("window_mask", mask, persistent=False)
+        # FlexAttention's block-sparse form of the same mask (see use_flex_attention): it
+        # skips the blocks outside the window, where SDPA with a dense mask computes
+        # every score.
+        self.block_mask: BlockMask | None = None
+
+    def use_flex_attention(self) -> None:
+        if self.window_mask is None:
+            return
+        seq_len, window = self.window_mask.size(0), self.window
+
+        def causal_window(
+            batch: torch.Tensor, head: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+        ) -> torch.Tensor:
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+        device = self.window_mask.device
+        self.block_mask = create_block_mask(causal_window, None, None, seq_len, seq_len, device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, dim = x.shape
@@ -137,6 +163,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2).to(v.dtype) for t in (q, k, v))
         if self.window_mask is None or seq <= self.window:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.block_mask is not None and seq == self.block_mask.seq_lengths[0]:
+            y = flex_attention(q, k, v, block_mask=self.block_mask)
         else:
             mask = self.window_mask[:seq, :seq]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -185,6 +213,13 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
+
+    def use_flex_attention(self) -> None:
+        """Sliding-window layers attend through FlexAttention, on the device the model is
+        on. Only under torch.compile: uncompiled, it materialises every score, and its
+        backward pass does not run on the CPU."""
+        for block in self.blocks:
+            block.attn.use_flex_attention()
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -297,7 +332,13 @@ class AdamW(Optimizer):
 
 
 class Muon(Optimizer):
-    """Nesterov momentum, orthogonalised per matrix; same-shape matrices are batched."""
+    """Nesterov momentum, orthogonalised per matrix. Same-shape matrices are updated as
+    one batch, and their momentum buffers live stacked (state[p]["buffer"] is a view),
+    so a step stacks only the gradients."""
+
+    def __init__(self, groups: list[dict[str, Any]]):
+        super().__init__(groups)
+        self._stacks: dict[tuple[int, ...], torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self) -> None:
@@ -309,22 +350,34 @@ class Muon(Optimizer):
             for shape, params in by_shape.items():
                 self._update(params, shape, group)
 
+    def _buffers(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """The stacked momentum buffers of PARAMS, carried over from any earlier stack."""
+        key = tuple(id(p) for p in params)
+        stack = self._stacks.get(key)
+        if stack is None:
+            stack = torch.stack(
+                [
+                    self.state[p]["buffer"] if p in self.state else torch.zeros_like(p)
+                    for p in params
+                ]
+            )
+            for p, view in zip(params, stack, strict=True):
+                self.state[p] = dict(buffer=view)
+            self._stacks[key] = stack
+        return stack
+
     def _update(self, params: list[nn.Parameter], shape: torch.Size, group: dict) -> None:
         momentum = group["momentum"]
         grads = torch.stack([p.grad for p in params])
-        for p in params:
-            if p not in self.state:
-                self.state[p] = dict(buffer=torch.zeros_like(p))
-        buffers = torch.stack([self.state[p]["buffer"] for p in params])
+        buffers = self._buffers(params)
         buffers.lerp_(grads, 1 - momentum)
         update = orthogonalize(grads.lerp_(buffers, momentum), NS_STEPS)
         # Equal RMS per entry whatever the aspect ratio.
         update *= max(1.0, shape[0] / shape[1]) ** 0.5
         lr = group["lr"]
-        for p, buffer, u in zip(params, buffers, update, strict=True):
-            self.state[p]["buffer"].copy_(buffer)
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(u, alpha=-lr)
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr)
 
 
 def build_optimizers(model: GPT) -> list[Optimizer]:
@@ -373,15 +426,106 @@ def apply_schedule(optimizers: list[Optimizer], progress: float, step: int) -> f
 # ---------------------------------------------------------------------------
 
 
-def pick_device() -> torch.device:
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job; rank 0 of 1 without torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        env = os.environ
+        return cls(
+            int(env.get("RANK") or 0),
+            int(env.get("LOCAL_RANK") or 0),
+            int(env.get("WORLD_SIZE") or 1),
+        )
+
+
+def pick_device(ranks: Ranks) -> torch.device:
     choice = os.environ.get("SKYLAB_DEVICE") or DEVICE
-    if choice != "auto":
-        return torch.device(choice)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if choice == "auto":
+        if torch.cuda.is_available():
+            choice = "cuda"
+        elif torch.backends.mps.is_available():
+            choice = "mps"
+        else:
+            choice = "cpu"
+    device = torch.device(choice)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
+    return device
+
+
+def start_distributed(ranks: Ranks, device: torch.device) -> None:
+    """Join the torchrun job: NCCL between GPUs, gloo on the CPU."""
+    if ranks.world_size == 1:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+    else:
+        dist.init_process_group(backend="gloo")
+
+
+def broadcast_parameters(model: nn.Module) -> None:
+    """Every rank starts from rank 0's weights (seeded alike, but made sure)."""
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
+def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """Replace every gradient with its mean over the ranks: one all-reduce of all of
+    them flattened together, after the last micro-batch."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    chunks = flat.split([g.numel() for g in grads])
+    torch._foreach_copy_(grads, [chunk.view_as(g) for chunk, g in zip(chunks, grads, strict=True)])
+
+
+def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Per-rank figures averaged, so every rank takes the same decisions from them."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+def train_step(
+    model: nn.Module,
+    optimizers: list[Optimizer],
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    accum_steps: int,
+    autocast: AbstractContextManager[object],
+    ranks: Ranks,
+) -> torch.Tensor:
+    """One optimizer step over ACCUM_STEPS micro-batches per rank (gradients averaged
+    across ranks). Returns this rank's mean micro-batch loss, left on the device:
+    reading it is the step's one host sync, the caller's."""
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for _ in range(accum_steps):
+        inputs, targets = next(batches)
+        with autocast:
+            loss = model(inputs, targets)
+        (loss / accum_steps).backward()
+        total += loss.detach()
+    params = list(model.parameters())
+    if ranks.world_size > 1:
+        average_gradients(params, ranks.world_size)
+    if GRAD_CLIP > 0:
+        adam_params = [p for group in optimizers[0].param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(adam_params, GRAD_CLIP)
+    for optimizer in optimizers:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return total / accum_steps
 
 
 def autocast_for(device: torch.device) -> AbstractContextManager[object]:
@@ -411,71 +555,86 @@ def progress_line(
 
 
 def summary_block(stats: dict[str, str]) -> str:
-    return "\n".join(["---", *(f"{name + ':':<18}{value}" for name, value in stats.items())])
+    """autoresearch's layout: values from column 18, one space after a longer name."""
+    return "\n".join(["---", *(f"{name + ':':<17} {value}" for name, value in stats.items())])
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+def fail(message: str, ranks: Ranks | None = None) -> None:
+    if ranks is None or ranks.main:
+        print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(1)
 
 
 def main() -> None:
+    ranks = Ranks.from_env()
     torch.manual_seed(SEED)
-    device = pick_device()
+    device = pick_device(ranks)
+    start_distributed(ranks, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast = autocast_for(device)
+    say = print if ranks.main else lambda *args, **kwargs: None
 
     tokenizer = Tokenizer.load()
-    tokens_per_pass = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+    tokens_per_pass = DEVICE_BATCH_SIZE * MAX_SEQ_LEN * ranks.world_size
     if TOTAL_BATCH_SIZE % tokens_per_pass:
-        fail(f"TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of {tokens_per_pass}")
+        fail(
+            f"TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is not a multiple of {tokens_per_pass} "
+            f"(DEVICE_BATCH_SIZE x MAX_SEQ_LEN x {ranks.world_size} ranks)",
+            ranks,
+        )
     accum_steps = TOTAL_BATCH_SIZE // tokens_per_pass
 
     raw_model = GPT(tokenizer.vocab_size, MAX_SEQ_LEN).to(device)
+    if ranks.world_size > 1:
+        broadcast_parameters(raw_model)
     num_params = sum(p.numel() for p in raw_model.parameters())
     flops_per_token = raw_model.flops_per_token(MAX_SEQ_LEN)
     compiled = COMPILE and device.type == "cuda"
-    model = torch.compile(raw_model) if compiled else raw_model
+    if compiled and FLEX_ATTENTION:
+        raw_model.use_flex_attention()
+    model = torch.compile(raw_model, dynamic=False) if compiled else raw_model
     optimizers = build_optimizers(raw_model)
     skip_steps = TIMING_SKIP_STEPS if device.type == "cuda" else 0
-    peak_flops = CUDA_PEAK_FLOPS if device.type == "cuda" else OTHER_PEAK_FLOPS
-    print(
-        f"device {device} | params {num_params / 1e6:.2f}M | vocab {tokenizer.vocab_size} | "
-        f"budget {TIME_BUDGET:.0f}s | accumulation {accum_steps} x {tokens_per_pass:,} tokens",
+    peak_flops = (CUDA_PEAK_FLOPS if device.type == "cuda" else OTHER_PEAK_FLOPS) * ranks.world_size
+    say(
+        f"device {device.type} x {ranks.world_size} | params {num_params / 1e6:.2f}M | "
+        f"vocab {tokenizer.vocab_size} | budget {TIME_BUDGET:.0f}s | "
+        f"accumulation {accum_steps} x {DEVICE_BATCH_SIZE * MAX_SEQ_LEN:,} tokens per rank",
         flush=True,
     )
 
-    with closing(
-        make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device)
-    ) as loader:
-        inputs, targets, epoch = next(loader)
+    loader = make_dataloader(
+        tokenizer,
+        DEVICE_BATCH_SIZE,
+        MAX_SEQ_LEN,
+        "train",
+        device,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+    )
+    with closing(loader):
+        batches = ((inputs, targets) for inputs, targets, _ in loader)
         training_seconds = 0.0
+        first_step_seconds = 0.0
         smooth_loss = 0.0
         step = 0
         last_print = 0.0
         while True:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
             t0 = time.perf_counter()
             progress = min(training_seconds / TIME_BUDGET, 1.0)
             lrm = apply_schedule(optimizers, progress, step)
-            for _ in range(accum_steps):
-                with autocast:
-                    loss = model(inputs, targets)
-                (loss / accum_steps).backward()
-                inputs, targets, epoch = next(loader)
-            if GRAD_CLIP > 0:
-                nn.utils.clip_grad_norm_(optimizers[0].param_groups[0]["params"], GRAD_CLIP)
-            for optimizer in optimizers:
-                optimizer.step()
-            model.zero_grad(set_to_none=True)
-            loss_value = loss.item()  # also waits for the step to finish
+            loss = train_step(model, optimizers, batches, accum_steps, autocast, ranks)
+            loss_value = loss.item()  # waits for the step to finish
             dt = time.perf_counter() - t0
+            if ranks.world_size > 1:
+                loss_value, dt = mean_over_ranks([loss_value, dt], device)
             if not math.isfinite(loss_value) or loss_value > MAX_LOSS:
-                fail(f"training loss {loss_value} at step {step}: diverged, aborting")
+                fail(f"training loss {loss_value} at step {step}: diverged, aborting", ranks)
             step += 1
+            if step == 1:
+                first_step_seconds = time.time() - T_START
             if step > skip_steps:
                 training_seconds += dt
             smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
@@ -489,19 +648,28 @@ def main() -> None:
                 done = 100 * min(training_seconds / TIME_BUDGET, 1.0)
                 left = max(TIME_BUDGET - training_seconds, 0.0)
                 line = progress_line(
-                    step, debiased, lrm, dt, tokens_per_second, mfu, done, left, epoch
+                    step, debiased, lrm, dt, tokens_per_second, mfu, done, left, loader.epoch
                 )
-                print(line, flush=True)
+                say(line, flush=True)
             if finished:
                 break
+        data_wait_seconds = loader.wait_seconds
 
+    eval_started = time.perf_counter()
     model.eval()
     with autocast:
         val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    eval_seconds = time.perf_counter() - eval_started
+    peak_vram_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    if ranks.world_size > 1:
+        peak = torch.tensor([peak_vram_mb, data_wait_seconds], device=device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        peak_vram_mb, data_wait_seconds = peak.tolist()
+        dist.destroy_process_group()
     total_tokens = step * TOTAL_BATCH_SIZE
     counted_tokens = max(step - skip_steps, 0) * TOTAL_BATCH_SIZE
-    mfu_percent = 100 * flops_per_token * counted_tokens / max(training_seconds, 1e-9) / peak_flops
-    peak_vram_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+    tokens_per_second = counted_tokens / max(training_seconds, 1e-9)
+    mfu_percent = 100 * flops_per_token * tokens_per_second / peak_flops
     stats = {
         "val_bpb": f"{val_bpb:.6f}",
         "training_seconds": f"{training_seconds:.1f}",
@@ -512,8 +680,13 @@ def main() -> None:
         "num_steps": f"{step}",
         "num_params_M": f"{num_params / 1e6:.1f}",
         "depth": f"{DEPTH}",
+        "tokens_per_second": f"{tokens_per_second:.0f}",
+        "first_step_seconds": f"{first_step_seconds:.1f}",
+        "eval_seconds": f"{eval_seconds:.1f}",
+        "data_wait_seconds": f"{data_wait_seconds:.1f}",
+        "world_size": f"{ranks.world_size}",
     }
-    print(summary_block(stats), flush=True)
+    say(summary_block(stats), flush=True)
 
 
 if __name__ == "__main__":
