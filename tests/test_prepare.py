@@ -168,6 +168,20 @@ def test_validation_batches_are_deterministic(
             loader.close()
 
 
+def test_data_parallel_ranks_read_disjoint_shares_of_the_documents(
+    prepare: ModuleType, prepared: Path
+) -> None:
+    paths = prepare.shard_paths("train", prepared)
+
+    def batches(rank: int, world_size: int, count: int) -> list[list[str]]:
+        stream = prepare._document_batches(paths, rank, world_size, batch_docs=8)
+        return [next(stream)[0] for _ in range(count)]
+
+    whole = batches(0, 1, 6)
+    assert batches(0, 2, 3) == whole[0::2]
+    assert batches(1, 2, 3) == whole[1::2]
+
+
 class UniformModel(nn.Module):
     """Equal logits for every token: each target costs ln(V) nats."""
 
