@@ -40,20 +40,18 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, cast
+from typing import IO
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "operator"), str(REPO / "trainer")]
 
+from skylab.constants import ConstantValue, read_constants, rewrite_constants  # noqa: E402
 from skylab.errors import UserError  # noqa: E402
 from skylab_trainer.progress import parse_progress  # noqa: E402
 from skylab_trainer.summary import parse_summary  # noqa: E402
-
-if TYPE_CHECKING:
-    from skylab.config import ConstantValue
 
 EXPERIMENT = REPO / "experiments" / "gpt-pretrain"
 FILES = ("train.py", "prepare.py")
@@ -71,9 +69,6 @@ TAIL_LINES = 15  # of a failed run, shown before the error
 RUN_TIMEOUT_EXTRA = 1200.0  # seconds a run may take beyond 3x its budget (start-up, eval)
 NA = "n/a"
 
-Rewrite = Callable[[str, Mapping[str, "ConstantValue"]], str]
-Read = Callable[[str], dict[str, "ConstantValue"]]
-
 
 class BenchError(Exception):
     """The bench cannot go on; its message is printed as one line."""
@@ -81,49 +76,6 @@ class BenchError(Exception):
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
-
-
-# ---------------------------------------------------------------------------
-# The project's constant reader and rewriter
-# ---------------------------------------------------------------------------
-
-
-def _constants_module() -> types.ModuleType:
-    """skylab.strategies.constants, the rewriter campaigns apply profiles with.
-
-    Importing it through its package pulls in skylab.config, which needs pydantic; where
-    pydantic is missing (a bare GPU image) the same file is loaded on its own, with
-    skylab.config standing for the one name it takes from there, ConstantValue.
-    """
-    try:
-        import skylab.strategies.constants as constants
-
-        return constants
-    except ModuleNotFoundError as exc:
-        if exc.name != "pydantic":
-            raise
-    path = REPO / "operator" / "skylab" / "strategies" / "constants.py"
-    stand_in = types.ModuleType("skylab.config")
-    stand_in.ConstantValue = bool | int | float | str  # type: ignore[attr-defined]
-    spec = importlib.util.spec_from_file_location("skylab_bench_constants", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    saved = sys.modules.get("skylab.config")
-    sys.modules["skylab.config"] = stand_in
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            sys.modules.pop("skylab.config", None)
-        else:
-            sys.modules["skylab.config"] = saved
-    return module
-
-
-_CONSTANTS = _constants_module()
-read_constants = cast(Read, _CONSTANTS.read_constants)
-rewrite_constants = cast(Rewrite, _CONSTANTS.rewrite_constants)
 
 
 def profile_settings(

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from skylab.config import ConstantValue
+from skylab.constants import ConstantValue, ModuleConstants, read_constants, rewrite_constants
 from skylab.errors import UserError
-from skylab.strategies.constants import ModuleConstants, read_constants, rewrite_constants
 
 SOURCE = '''"""A training script."""
 

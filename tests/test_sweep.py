@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from skylab.config import ExperimentConfig, load_experiment
+from skylab.constants import read_constants
 from skylab.errors import UserError
 from skylab.strategies import STRATEGIES, build_strategy
 from skylab.strategies.base import Exhausted, PastTrial, Proposal, ProposalContext
-from skylab.strategies.constants import read_constants
 from skylab.strategies.sweep import RANDOM_DRAWS, SweepStrategy
 
 EXPERIMENT = """

@@ -20,7 +20,7 @@ import pytest
 from pytest import CaptureFixture
 
 from skylab.config import load_experiment
-from skylab.strategies.constants import rewrite_constants
+from skylab.constants import rewrite_constants
 from skylab_trainer.progress import parse_progress
 from skylab_trainer.summary import find_metric, parse_summary
 

@@ -61,7 +61,7 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(
 
 
 def test_train_py_under_torchrun_prints_one_summary(prepared: Path, tmp_path: Path) -> None:
-    from skylab.strategies.constants import rewrite_constants
+    from skylab.constants import rewrite_constants
 
     experiment = tmp_path / "gpt-pretrain"
     shutil.copytree(EXPERIMENT, experiment, ignore=shutil.ignore_patterns("__pycache__"))

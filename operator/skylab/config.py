@@ -23,10 +23,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from skylab.constants import ConstantValue
 from skylab.errors import UserError
 
 CONFIG_FILE = "experiment.toml"
-ConstantValue = bool | int | float | str
 
 
 class _Section(BaseModel):

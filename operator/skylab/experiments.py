@@ -6,8 +6,8 @@ from pathlib import Path
 
 import skylab
 from skylab.config import CONFIG_FILE, ExperimentConfig
+from skylab.constants import rewrite_constants
 from skylab.errors import UserError
-from skylab.strategies.constants import rewrite_constants
 
 DEFAULT_EXPERIMENT = "gpt-pretrain"
 

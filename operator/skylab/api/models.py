@@ -13,11 +13,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from skylab.constants import ConstantValue
+
 GROUP = "skylab.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-ConstantValue = bool | int | float | str
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(s|m|h|d))+$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 

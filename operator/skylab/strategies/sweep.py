@@ -12,10 +12,10 @@ import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
 
-from skylab.config import ConstantValue, SweepSettings
+from skylab.config import SweepSettings
+from skylab.constants import ConstantValue, ModuleConstants, Number
 from skylab.errors import UserError
 from skylab.strategies.base import Exhausted, FileEdit, PastTrial, Proposal, ProposalContext
-from skylab.strategies.constants import ModuleConstants, Number
 
 # Random mode gives up after this many draws in a row that were tried already or no-ops.
 RANDOM_DRAWS = 200

@@ -13,9 +13,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from skylab.config import ConstantValue
 from skylab.errors import UserError
 
+ConstantValue = bool | int | float | str  # the literal types a constant may hold
 Number = int | float
 
 _NAME = re.compile(r"[A-Z][A-Z0-9_]*")
