@@ -27,7 +27,6 @@ import argparse
 import ast
 import contextlib
 import importlib.metadata
-import importlib.util
 import math
 import os
 import re
