@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 from threading import Event
 from typing import Any
 
 import kopf
 import pytest
+from kopf._core.intents.stoppers import DaemonStopper
 
 from emulator import KubeEmulator
 from kubelet import (  # noqa: F401  # the settings fixture registers under its own name
@@ -243,4 +245,25 @@ async def test_health_endpoints_answer_once_kopf_runs_and_postgresql_answers(
         await thread.stop(timeout=120)
     # the loop is gone: liveness fails, and the kubelet would restart the pod
     assert routes["/healthz"]()[0] == 503
+    operator.stores.close()
+
+
+async def test_the_progress_daemon_ends_when_cancelled_with_its_stopper_unset(
+    kube: KubeEmulator, settings: OperatorSettings
+) -> None:
+    # kopf stops a daemon spawned while the operator exits by cancelling its task alone:
+    # the daemon has to end then, or the operator never exits.
+    operator = await asyncio.to_thread(build_operator, KubeApi(load_client()), settings)
+    spawning = operator.registry._spawning.get_all_handlers()
+    (daemon,) = [h for h in spawning if str(h.id).endswith("trial_progress")]
+    assert inspect.iscoroutinefunction(daemon.fn), "a sync daemon cannot be cancelled"
+    stopper = DaemonStopper()
+    task = asyncio.create_task(
+        daemon.fn(namespace=NAMESPACE, name="absent-0001", stopped=stopper.async_waiter)
+    )
+    await asyncio.sleep(settings.progress_seconds * 3)  # a few reads of an absent trial
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=30)
     operator.stores.close()

@@ -7,6 +7,7 @@ Every handler is counted in the error metric when it raises; kopf retries it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,7 +18,7 @@ from skylab.api.models import GROUP, VERSION
 from skylab.controller.campaigns import CampaignController
 from skylab.controller.metrics import Metrics
 from skylab.controller.settings import OperatorSettings
-from skylab.controller.trials import TrialController, follow_progress
+from skylab.controller.trials import ProgressFollower, TrialController
 from skylab.executors.kubernetes import CAMPAIGN_LABEL, TRIAL_LABEL
 
 ANNOTATION_PREFIX = GROUP
@@ -90,18 +91,19 @@ def register(
         sync_trial
     )
 
+    # Async, so that cancelling it ends it at the next await: kopf stops a daemon spawned
+    # while the operator exits by cancellation alone, and a thread looping on `stopped`
+    # would keep the operator from exiting. Each read runs in a thread of its own.
     @kopf.daemon(*TRIALS, registry=registry, when=_running, cancellation_timeout=5)
-    def trial_progress(
+    async def trial_progress(
         namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any
     ) -> None:
-        follow = counted("trial-progress", follow_progress)
-        follow(
-            trials=trials,
-            namespace=_namespaced(namespace),
-            name=name,
-            interval=settings.progress_seconds,
-            stopped=stopped,
-        )
+        interval = settings.progress_seconds
+        follower = ProgressFollower(trials, _namespaced(namespace), name, interval)
+        read = counted("trial-progress", follower.read)
+        while not stopped:
+            await asyncio.to_thread(read)
+            await stopped.wait(interval)
 
     @kopf.on.event(
         "batch",

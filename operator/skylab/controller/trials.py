@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-import kopf
-
 from skylab import engine
 from skylab.api.models import Decision, TrialPhase, TrialSpec
 from skylab.controller.campaigns import (
@@ -219,20 +217,22 @@ class TrialController:
         post(trial, str(decision), text, warning=row.status != "success")
 
 
-def follow_progress(
-    trials: TrialController,
-    namespace: str,
-    name: str,
-    interval: float,
-    stopped: kopf.DaemonStopped,
-) -> None:
-    """Read the running trial's log every INTERVAL seconds until STOPPED is set."""
-    source: tuple[int, str] | None = None
-    since: int | None = None  # the first read takes the whole log
-    while not stopped:
-        source = source or trials.progress_source(namespace, name)
-        if source is not None:
-            trial_id, pod = source
-            trials.record_progress(namespace, pod, trial_id, since)
-            since = int(interval * 3) + 1  # overlapping reads: progress rows upsert by step
-        stopped.wait(interval)
+class ProgressFollower:
+    """Reads a running trial's log into its progress rows, one read per call."""
+
+    def __init__(self, trials: TrialController, namespace: str, name: str, interval: float):
+        self.trials = trials
+        self.namespace = namespace
+        self.name = name
+        self.interval = interval
+        self._source: tuple[int, str] | None = None
+        self._since: int | None = None  # the first read takes the whole log
+
+    def read(self) -> None:
+        self._source = self._source or self.trials.progress_source(self.namespace, self.name)
+        if self._source is None:
+            return
+        trial_id, pod = self._source
+        self.trials.record_progress(self.namespace, pod, trial_id, self._since)
+        # Overlapping reads: progress rows upsert by step.
+        self._since = int(self.interval * 3) + 1
