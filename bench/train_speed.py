@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import importlib.metadata
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import types
 from collections.abc import Mapping, Sequence
@@ -49,8 +48,10 @@ sys.path[:0] = [str(REPO / "operator"), str(REPO / "trainer")]
 
 from skylab.constants import ConstantValue, read_constants, rewrite_constants  # noqa: E402
 from skylab.errors import UserError  # noqa: E402
+from skylab_trainer.output import LineSplitter  # noqa: E402
 from skylab_trainer.progress import parse_progress  # noqa: E402
 from skylab_trainer.summary import parse_summary  # noqa: E402
+from skylab_trainer.supervise import Limits, StopReason, supervise  # noqa: E402
 
 EXPERIMENT = REPO / "experiments" / "gpt-pretrain"
 FILES = ("train.py", "prepare.py")
@@ -65,6 +66,7 @@ REFERENCE_FIRST_STEP_COLD = 62.0
 REFERENCE_EVAL_SECONDS = 14.0
 
 TAIL_LINES = 15  # of a failed run, shown before the error
+KILL_GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL to a run's process group
 RUN_TIMEOUT_EXTRA = 1200.0  # seconds a run may take beyond 3x its budget (start-up, eval)
 NA = "n/a"
 
@@ -190,57 +192,33 @@ def run_logged(
     log: Log,
     timeout: float,
 ) -> Run:
-    """Run COMMAND, streaming its output (stderr merged) to LOG line by line as it comes;
-    BenchError with its last lines when it fails or outlives TIMEOUT."""
+    """Run COMMAND in its own process group, streaming its output (stderr merged) to LOG
+    line by line as it comes; BenchError with its last lines when it fails or outlives
+    TIMEOUT, KeyboardInterrupt when we are sent SIGTERM or SIGINT meanwhile."""
     run = Run(label)
-    log.line(f"[{label}] $ {' '.join(command)}  (in {cwd})")
+    shell = shlex.join(command)
+    log.line(f"[{label}] $ {shell}  (in {cwd})")
     started = time.monotonic()
-    process = subprocess.Popen(
-        command,
-        cwd=cwd,
-        env=dict(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        bufsize=1,
-        start_new_session=True,  # its own process group: a kill reaches its workers too
-    )
-    timed_out = threading.Event()
+    splitter = LineSplitter()
 
-    def kill() -> None:
-        timed_out.set()
-        _kill_group(process)
-
-    timer = threading.Timer(timeout, kill)
-    timer.start()
-    try:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.rstrip("\n")
+    def take(lines: list[str]) -> None:
+        for line in lines:
             if run.first_step_seen is None and parse_progress(line) is not None:
                 run.first_step_seen = time.monotonic() - started
             run.lines.append(line)
             log.line(f"[{label}] {line}")
-        status = process.wait()
-    except BaseException:
-        _kill_group(process)
-        raise
-    finally:
-        timer.cancel()
-    run.seconds = time.monotonic() - started
-    if timed_out.is_set():
+
+    limits = Limits(max_wall_time=timeout, kill_grace=KILL_GRACE_SECONDS)
+    result = supervise(shell, cwd, env, limits, lambda data: take(splitter.feed(data)))
+    take(splitter.close())
+    run.seconds = result.duration_seconds
+    if result.stopped_by is StopReason.SIGNAL:
+        raise KeyboardInterrupt
+    if result.stopped_by is StopReason.TIMEOUT:
         raise BenchError(_failure(run, log, f"killed after {timeout:.0f} s"))
-    if status != 0:
-        raise BenchError(_failure(run, log, f"exited with status {status}"))
+    if result.exit_code != 0:
+        raise BenchError(_failure(run, log, f"exited with status {result.exit_code}"))
     return run
-
-
-def _kill_group(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def _failure(run: Run, log: Log, what: str) -> str:
@@ -574,7 +552,7 @@ def bench(args: argparse.Namespace, work: Path, log: Log) -> str:
 
 
 def _interrupt(signum: int, frame: types.FrameType | None) -> None:
-    raise KeyboardInterrupt  # a run in progress is killed with its process group
+    raise KeyboardInterrupt  # between runs; during one, supervise() stops it first
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -582,8 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.budget <= 0 or args.warm_budget <= 0:
         parser.error("--budget and --warm-budget must be positive")
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     out = os.environ.get("OUT")
     log = Log(Path(out) / "train_speed.log" if out else None)
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="train-speed-"))
@@ -603,8 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
         log.close()
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous)
     if out:
         (Path(out) / "train_speed.md").write_text(text + "\n", encoding="utf-8")
     return 0
