@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 import sys
 import sysconfig
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
+
+from skylab.constants import ConstantValue
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "gpt-pretrain"
 UNICODE_LINES = [
@@ -42,3 +45,22 @@ def write_text_corpus(root: Path) -> Path:
         note = f"Note {i}.\n{UNICODE_LINES[i % len(UNICODE_LINES)]}\nvalue = {i * 37 % 101}\n"
         (root / f"note_{i:03d}.txt").write_text(note, encoding="utf-8")
     return root
+
+
+def cpu_experiment(
+    target: Path,
+    train: Mapping[str, ConstantValue] | None = None,
+    prepare: Mapping[str, ConstantValue] | None = None,
+) -> Path:
+    """The experiment's train.py and prepare.py in TARGET with the cpu profile's constants,
+    then TRAIN's and PREPARE's."""
+    from skylab.config import load_experiment
+    from skylab.constants import rewrite_constants
+
+    config = load_experiment(EXPERIMENT, "cpu")
+    target.mkdir()
+    for name, overrides in (("train.py", train), ("prepare.py", prepare)):
+        values = {**config.constants.get(name, {}), **(overrides or {})}
+        source = (EXPERIMENT / name).read_text()
+        (target / name).write_text(rewrite_constants(source, values) if values else source)
+    return target

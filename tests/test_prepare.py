@@ -163,6 +163,11 @@ def test_validation_batches_are_deterministic(
     try:
         a, b = (next(loader)[0] for loader in first)
         assert torch.equal(a, b)
+        # skip() passes over a batch as next() would: the loaders stay in step
+        first[0].skip()
+        next(first[1])
+        c, d = (next(loader)[0] for loader in first)
+        assert torch.equal(c, d) and not torch.equal(a, c)
     finally:
         for loader in first:
             loader.close()

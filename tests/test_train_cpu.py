@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 from pytest import CaptureFixture
 
+from gpt_pretrain import EXPERIMENT, cpu_experiment
 from skylab.config import load_experiment
-from skylab.constants import rewrite_constants
 from skylab_trainer.progress import parse_progress
 from skylab_trainer.summary import find_metric, parse_summary
 
-EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "gpt-pretrain"
 SUMMARY_NAMES = [
     "val_bpb",
     "training_seconds",
@@ -66,19 +65,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = ["--data-dir", str(data), "--source", str(source), "--vocab-size", "1024"]
     assert prepare.main(args) == 0
     return data
-
-
-def cpu_experiment(target: Path, **overrides: float | int | str) -> Path:
-    """The experiment's files in TARGET with the cpu profile's constants (plus OVERRIDES)."""
-    config = load_experiment(EXPERIMENT, "cpu")
-    target.mkdir()
-    for name in ("train.py", "prepare.py"):
-        values = dict(config.constants.get(name, {}))
-        if name == "train.py":
-            values.update(overrides)
-        source = (EXPERIMENT / name).read_text()
-        (target / name).write_text(rewrite_constants(source, values) if values else source)
-    return target
 
 
 @dataclass
@@ -157,7 +143,7 @@ def test_diverging_loss_aborts_with_status_1(
     tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: CaptureFixture[str]
 ) -> None:
     # Any real loss is above 0.0: the very first step counts as an explosion.
-    workdir = cpu_experiment(tmp_path / "exp", MAX_LOSS=0.0)
+    workdir = cpu_experiment(tmp_path / "exp", train={"MAX_LOSS": 0.0})
     result = run_train(workdir, data_dir, 30, monkeypatch, capsys)
     assert result.returncode == 1
     assert "diverged" in result.stderr

@@ -8,7 +8,6 @@ summary. Slow: every process imports torch.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_pretrain import EXPERIMENT, write_text_corpus
+from gpt_pretrain import EXPERIMENT, cpu_experiment, write_text_corpus
 
 # Every process imports torch, which takes minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -63,10 +62,6 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(
 
 
 def test_train_py_under_torchrun_prints_one_summary(prepared: Path, tmp_path: Path) -> None:
-    from skylab.constants import rewrite_constants
-
-    experiment = tmp_path / "gpt-pretrain"
-    shutil.copytree(EXPERIMENT, experiment, ignore=shutil.ignore_patterns("__pycache__"))
     tiny = dict(
         DEPTH=2,
         MODEL_DIM=64,
@@ -75,12 +70,8 @@ def test_train_py_under_torchrun_prints_one_summary(prepared: Path, tmp_path: Pa
         DEVICE_BATCH_SIZE=4,
         PROGRESS_SECONDS=0.0,
     )
-    for name, values in (
-        ("train.py", tiny),
-        ("prepare.py", dict(MAX_SEQ_LEN=128, EVAL_TOKENS=4096)),
-    ):
-        path = experiment / name
-        path.write_text(rewrite_constants(path.read_text(), values))
+    small_eval = dict(MAX_SEQ_LEN=128, EVAL_TOKENS=4096)
+    experiment = cpu_experiment(tmp_path / "gpt-pretrain", train=tiny, prepare=small_eval)
     env = {"SKYLAB_DATA_DIR": str(prepared), "SKYLAB_TIME_BUDGET": "4", "SKYLAB_DEVICE": "cpu"}
 
     output = _torchrun(2, "train.py", cwd=experiment, env=env)

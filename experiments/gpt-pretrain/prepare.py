@@ -713,6 +713,14 @@ class DataLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        batch = self._take().to(self.device, non_blocking=self._pinned)
+        return batch[0], batch[1], self.epoch
+
+    def skip(self) -> None:
+        """Pass over the next batch without copying it to the device."""
+        self._take()
+
+    def _take(self) -> torch.Tensor:
         try:
             item = self._queue.get_nowait()
         except queue.Empty:
@@ -722,8 +730,7 @@ class DataLoader:
         if isinstance(item, _Failure):
             raise RuntimeError("the dataloader thread failed") from item.error
         staged, self.epoch = item
-        batch = staged.to(self.device, non_blocking=self._pinned)
-        return batch[0], batch[1], self.epoch
+        return staged
 
     def close(self) -> None:
         """Stop the producer thread and wait for it (it exits at its next queue
@@ -795,9 +802,10 @@ def evaluate_bpb(model: torch.nn.Module, tokenizer: Tokenizer, batch_size: int) 
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # nats, bytes
     try:
         for step in range(steps):
-            inputs, targets, _ = next(loader)
             if step % world_size != rank:
+                loader.skip()  # another rank's batch
                 continue
+            inputs, targets, _ = next(loader)
             with torch.no_grad():
                 losses = model(inputs, targets, reduction="none").reshape(-1).float()
             nbytes = token_bytes[targets.reshape(-1)]
