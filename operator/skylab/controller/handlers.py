@@ -93,7 +93,7 @@ def register(
 
     # Async, so that cancelling it ends it at the next await: kopf stops a daemon spawned
     # while the operator exits by cancellation alone, and a thread looping on `stopped`
-    # would keep the operator from exiting. Each read runs in a thread of its own.
+    # would keep the operator from exiting. The blocking reads run in worker threads.
     @kopf.daemon(*TRIALS, registry=registry, when=_running, cancellation_timeout=5)
     async def trial_progress(
         namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any
