@@ -209,7 +209,8 @@ def run_logged(
             log.line(f"[{label}] {line}")
 
     limits = Limits(max_wall_time=timeout, kill_grace=KILL_GRACE_SECONDS)
-    result = supervise(shell, cwd, env, limits, lambda data: take(splitter.feed(data)))
+    # exec: the run is our child, not the shell's, so we reap it when it ends.
+    result = supervise(f"exec {shell}", cwd, env, limits, lambda data: take(splitter.feed(data)))
     take(splitter.close())
     run.seconds = result.duration_seconds
     if result.stopped_by is StopReason.SIGNAL:
