@@ -38,8 +38,8 @@ from torch.profiler import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import (
-    EXPERIMENT,
     BenchError,
+    add_experiment_arguments,
     bench_constants,
     copy_experiment,
     parse_setting,
@@ -226,23 +226,11 @@ def set_up(args: argparse.Namespace, copy: Path) -> Setup:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--profile", help="an experiment.toml profile to apply, e.g. cpu")
-    parser.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="rewrite one constant of train.py (repeatable)",
-    )
-    parser.add_argument("--device", help="SKYLAB_DEVICE for train.py (cuda, cpu, ...)")
     parser.add_argument("--vocab-size", type=int, default=8192, help="of the random tokens")
     parser.add_argument("--warm-up", type=int, default=5, help="steps before timing (5)")
     parser.add_argument("--steps", type=int, default=5, help="timed and profiled steps (5)")
     parser.add_argument("--top", type=int, default=25, help="longest kernels listed (25)")
-    parser.add_argument(
-        "--experiment", type=Path, default=EXPERIMENT, help="default: experiments/gpt-pretrain"
-    )
+    add_experiment_arguments(parser)
     return parser
 
 

@@ -476,6 +476,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--budget", type=float, default=75.0, help="cold run, seconds (75)")
     parser.add_argument("--warm-budget", type=float, default=5.0, help="warm run, seconds (5)")
+    parser.add_argument(
+        "--work", type=Path, help="work directory, kept (default: a temporary one, removed)"
+    )
+    add_experiment_arguments(parser)
+    return parser
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    """--profile, --set, --device and --experiment: which train.py runs, and where."""
     parser.add_argument("--profile", help="an experiment.toml profile to apply, e.g. cpu")
     parser.add_argument(
         "--set",
@@ -487,12 +496,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", help="SKYLAB_DEVICE for train.py (cuda, cpu, ...)")
     parser.add_argument(
-        "--work", type=Path, help="work directory, kept (default: a temporary one, removed)"
-    )
-    parser.add_argument(
         "--experiment", type=Path, default=EXPERIMENT, help="default: experiments/gpt-pretrain"
     )
-    return parser
 
 
 def bench(args: argparse.Namespace, work: Path, log: Log) -> str:
