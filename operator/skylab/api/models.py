@@ -20,7 +20,10 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(s|m|h|d))+$"
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS_LABEL = rf"^{_LABEL}$"
+# A DNS subdomain (RFC 1123), as most Kubernetes object names are: dot-separated labels.
+DNS_SUBDOMAIN = rf"^{_LABEL}(\.{_LABEL})*$"
 
 
 def _rules(*rules: tuple[str, str]) -> dict[str, Any]:

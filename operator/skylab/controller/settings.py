@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from skylab.api.models import DNS_SUBDOMAIN
 from skylab.errors import UserError
 from skylab.executors.kubernetes import CompileCache
 from skylab.experiments import search_path
@@ -22,8 +23,6 @@ PROGRESS_VARIABLE = "SKYLAB_PROGRESS_SECONDS"
 RETRY_VARIABLE = "SKYLAB_RETRY_SECONDS"
 # hostPath:/DIRECTORY, claim:NAME, or empty (an emptyDir: nothing kept between trials).
 COMPILE_CACHE_VARIABLE = "SKYLAB_COMPILE_CACHE"
-# A PersistentVolumeClaim's name: a DNS subdomain (RFC 1123).
-_CLAIM_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class OperatorSettings:
                     )
                 return CompileCache(host_path=str(path))
             if kind == "claim":
-                if len(where) > 253 or not _CLAIM_NAME.fullmatch(where):
+                if len(where) > 253 or not re.fullmatch(DNS_SUBDOMAIN, where):
                     raise UserError(
                         f"{name}: claim needs a PersistentVolumeClaim name (lower-case "
                         f"letters, digits, '-' and '.'), got {text!r}"

@@ -118,7 +118,7 @@ def trial_job(
         "volumes": _volumes(template, compile_cache),
     }
     if compile_cache.host_path is not None:
-        pod_spec["initContainers"] = [_cache_owner(template)]
+        pod_spec["initContainers"] = [_cache_owner(template, compile_cache)]
     if multi_node:
         pod_spec["subdomain"] = name  # pods resolve as <job>-<index>.<service>
     if template.node_selector:
@@ -245,7 +245,7 @@ def _cache_mount(compile_cache: CompileCache) -> Manifest:
     return mount
 
 
-def _cache_owner(template: TrialTemplate) -> Manifest:
+def _cache_owner(template: TrialTemplate, compile_cache: CompileCache) -> Manifest:
     """The init container that gives the node's cache folder to the trainer's uid.
 
     The kubelet creates a hostPath directory, and a subPath in it, owned by root, and
@@ -267,7 +267,7 @@ def _cache_owner(template: TrialTemplate) -> Manifest:
         "image": template.image,
         "command": ["chown", f"{TRAINER_UID}:{TRAINER_UID}", CACHE_PATH],
         "resources": _resources(template, gpus=False),
-        "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": CACHE_PATH, "subPath": CACHE_SUBPATH}],
+        "volumeMounts": [_cache_mount(compile_cache)],
         # chown's error, if any, becomes the Trial's message (reports.trial_ending).
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
