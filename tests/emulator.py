@@ -95,6 +95,23 @@ def error(status: int, reason: str, message: str, **details: Any) -> kmock.Kuber
     return kmock.KubernetesError(status=status, reason=reason, message=message, details=details)
 
 
+def _accepts(accept: str, media_type: str) -> bool:
+    """Whether an Accept header admits MEDIA_TYPE."""
+    family = media_type.split("/")[0] + "/*"
+    return any(
+        part.split(";")[0].strip() in (media_type, family, "*/*") for part in accept.split(",")
+    )
+
+
+def _container_started(pod: Body, container: str | None) -> bool:
+    """Whether the pod's CONTAINER (its first, if None) is running or has run: it has a log."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if container in (None, status.get("name")):
+            state = status.get("state") or {}
+            return "running" in state or "terminated" in state
+    return False
+
+
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -344,9 +361,28 @@ class KubeEmulator(kmock.KubernetesEmulator):
         raise error(404, "NotFound", f"{request.resource.plural} {request.name!r} not found")
 
     async def _serve_log(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """A pod's log as the API server serves it: text on success; an error is a Status,
+        which a client that accepts only text/plain gets as 406 instead; a container that
+        has not started yet is a 400."""
         assert request.namespace is not None and request.name is not None
-        if not self._alive((PODS, request.namespace, request.name)):
-            return await self._render_error(error(404, "NotFound", f"pod {request.name} not found"))
+        problem = None
+        pod = self._alive((PODS, request.namespace, request.name))
+        if pod is None:
+            problem = error(404, "NotFound", f"pods {request.name!r} not found")
+        elif not _container_started(pod.raw, request.params.get("container")):
+            problem = error(
+                400,
+                "BadRequest",
+                f"container in pod {request.name!r} is waiting to start: ContainerCreating",
+            )
+        if problem is not None:
+            if not _accepts(request.headers.get("Accept", "*/*"), "application/json"):
+                return aiohttp.web.Response(
+                    status=406,
+                    text="only the following media types are accepted: application/json, "
+                    "application/yaml, application/vnd.kubernetes.protobuf",
+                )
+            return await self._render_error(problem)
         text = self.pod_logs.get((request.namespace, request.name), "")
         if tail := request.params.get("tailLines"):
             text = "".join(text.splitlines(keepends=True)[-int(tail) :])

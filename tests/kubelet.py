@@ -74,8 +74,9 @@ def raw_report(message: str) -> Outcome:
     return Outcome(None, "Failed", "BackoffLimitExceeded", 1, "Error", raw_message=message)
 
 
-async def start_job(kube: KubeEmulator, name: str, log: str = "") -> None:
-    """The Job's pod is scheduled and running (LOG: what its container printed so far)."""
+async def schedule_job(kube: KubeEmulator, name: str) -> str:
+    """The Job's pod exists and waits to start (its image pulling, say), as the Job
+    controller then reports it: active, not ready. Returns the pod's name."""
     pod = f"{name}-{next(_pod_ids):05d}"
     await create(
         kube,
@@ -89,17 +90,43 @@ async def start_job(kube: KubeEmulator, name: str, log: str = "") -> None:
             "spec": {"containers": [{"name": "trainer", "image": "trainer"}]},
         },
     )
+    waiting = {"waiting": {"reason": "ContainerCreating"}}
+    await patch_status(
+        kube,
+        PODS,
+        NAMESPACE,
+        pod,
+        {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": waiting}]},
+    )
+    await patch_status(kube, JOBS, NAMESPACE, name, {"active": 1, "ready": 0})
+    return pod
+
+
+def job_pods(kube: KubeEmulator, name: str) -> list[str]:
+    return [p for p in names(kube, PODS, NAMESPACE) if p.startswith(f"{name}-")]
+
+
+async def start_job(kube: KubeEmulator, name: str, log: str = "") -> None:
+    """The Job's pod is scheduled and running (LOG: what its container printed so far)."""
+    pods = job_pods(kube, name)
+    pod = pods[-1] if pods else await schedule_job(kube, name)
     kube.pod_logs[(NAMESPACE, pod)] = log
-    await patch_status(kube, PODS, NAMESPACE, pod, {"phase": "Running"})
+    running = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+    await patch_status(
+        kube,
+        PODS,
+        NAMESPACE,
+        pod,
+        {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": running}]},
+    )
     await patch_status(kube, JOBS, NAMESPACE, name, {"active": 1, "ready": 1})
 
 
 async def end_job(kube: KubeEmulator, name: str, outcome: Outcome) -> None:
     """The pod's container ends as OUTCOME says, then the Job controller marks the Job."""
-    pods = [p for p in names(kube, PODS, NAMESPACE) if p.startswith(f"{name}-")]
-    if not pods:
+    if not job_pods(kube, name):
         await start_job(kube, name)
-        pods = [p for p in names(kube, PODS, NAMESPACE) if p.startswith(f"{name}-")]
+    pods = job_pods(kube, name)
     message = outcome.raw_message
     if outcome.report is not None:
         message = outcome.report.to_json()

@@ -245,6 +245,18 @@ def fast_settings() -> kopf.OperatorSettings:
     return settings
 
 
+def open_watches(kube: KubeEmulator) -> set[k8s_resource]:
+    """The resources watched through connections that are still open."""
+    return {
+        request.resource
+        for request in kube
+        if request.action == k8s_action.WATCH
+        and request.resource is not None
+        and request._raw_request is not None
+        and request._raw_request.transport is not None
+    }
+
+
 class OperatorThread:
     """A kopf operator in a thread of its own, with its own event loop.
 
@@ -311,14 +323,7 @@ class OperatorThread:
         def watching() -> bool:
             if not self._thread.is_alive():
                 raise RuntimeError("the operator has exited") from self.error
-            open_watches = {
-                request.resource
-                for request in kube
-                if request.action == k8s_action.WATCH
-                and request._raw_request is not None
-                and request._raw_request.transport is not None
-            }
-            missing = ", ".join(str(res) for res in wanted - open_watches)
+            missing = ", ".join(str(res) for res in wanted - open_watches(kube))
             assert not missing, f"not watched yet: {missing}"
             return True
 

@@ -8,6 +8,7 @@ and the custom resources against the CRDs the chart ships.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import json
@@ -24,6 +25,7 @@ from chart import CHART, Release, helm_install, helm_refusals, helm_revisions, r
 from emulator import KUBERNETES_VERSION, KubeEmulator
 from operator_harness import kmock_options_fixture, kube_fixture, kubeconfig_fixture, stored
 from skylab.api.models import TrialTemplate
+from skylab.cli import build_parser as cli_parser
 from skylab.controller.settings import OperatorSettings
 from skylab.executors.base import TrialLaunch
 from skylab.executors.kubernetes import CompileCache, trial_job
@@ -127,11 +129,19 @@ def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return True
 
 
+def _operator_args(container: dict[str, Any]) -> argparse.Namespace:
+    """The container's arguments as `skylab operator` reads them (its parser refuses bad ones)."""
+    assert container["args"] == [str(arg) for arg in container["args"]]
+    return cli_parser().parse_args(["operator", *container["args"]])
+
+
 def _defaults_wire_the_operator_its_database_and_the_trainer_pods(release: Release) -> None:
     deployment = release.one("Deployment")
     pod = deployment["spec"]["template"]
     [container] = pod["spec"]["containers"]
-    assert container["args"] == ["--peering=skylab"]
+    args = _operator_args(container)
+    assert (args.peering, args.namespace) == ("skylab", [])
+    assert (args.log_level, args.log_format) == ("info", "text")
     assert release.one("ClusterKopfPeering", "skylab")
     settings = OperatorSettings.from_env(_container_env(container, release))
     password = base64.b64decode(release.one("Secret", "skylab-postgres")["data"]["password"])
@@ -220,11 +230,7 @@ def _watched_namespaces_get_roles_peerings_and_policies_of_their_own(release: Re
             rule for rule in role["rules"] if rule["apiGroups"] == ["kopf.dev"]
         ).items()
     [container] = release.one("Deployment")["spec"]["template"]["spec"]["containers"]
-    assert container["args"] == [
-        "--peering=skylab",
-        "--namespace=research-a",
-        "--namespace=research-b",
-    ]
+    assert _operator_args(container).namespace == ["research-a", "research-b"]
     assert release.find("Job") == []
 
 
@@ -329,6 +335,8 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     (_compile_cache({"hostPath": None}), "trainer.compileCache.hostPath"),
     (_compile_cache({"existingClaim": "Compile_Cache"}), "existingClaim"),
     (_compile_cache({"claimName": "compile-cache"}), "claimName"),
+    ({"operator": {"logLevel": "verbose"}}, "logLevel"),
+    ({"operator": {"logFormat": "yaml"}}, "logFormat"),
 ]
 
 

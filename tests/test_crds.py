@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,10 @@ import jsonschema
 import pytest
 import yaml
 
+import cel
 from skylab.api.crds import CAMPAIGN, RESOURCES, TRIAL, definition, render, write_crds
-from skylab.api.models import CampaignSpec
+from skylab.api.models import GROUP, CampaignSpec
+from skylab.config import LOG_RANGE_POSITIVE, RANGE_ORDER
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("campaign-*.yaml"))
@@ -57,7 +60,10 @@ def _walk(node: Any, path: str = "") -> Any:
 def test_schemas_are_structural(resource: Any) -> None:
     schema = _schema(resource)
     for path, node in _walk(schema):
-        assert not {"$ref", "anyOf", "oneOf", "allOf", "$defs", "const"} & node.keys(), path
+        assert not {"$ref", "anyOf", "allOf", "$defs", "const"} & node.keys(), path
+        # A oneOf is structural when its branches only validate values: required fields.
+        for branch in node.get("oneOf", []) if not path.endswith("/properties") else []:
+            assert branch.keys() == {"required"}, f"{path}/oneOf"
         assert node.get("additionalProperties") is not False, path
         if path.endswith(("/properties", "/x-kubernetes-validations")) or "/enum" in path:
             continue
@@ -142,16 +148,97 @@ def test_cross_field_rules_are_cel() -> None:
     assert any("maxWallTimeSeconds" in rule for rule in _rules_at(spec, "trialTemplate"))
 
 
+def _checked_in_rules() -> list[tuple[str, cel.Rule]]:
+    found = []
+    for folder in ("crds", "charts/skylab/crds"):
+        for path in sorted((REPO / folder).glob(f"{GROUP}_*.yaml")):
+            crd = yaml.safe_load(path.read_text())
+            for version in crd["spec"]["versions"]:
+                schema = version["schema"]["openAPIV3Schema"]
+                found += [(f"{folder}/{path.name}", rule) for rule in cel.rules(schema)]
+    return found
+
+
+def test_every_cel_rule_compiles_and_names_only_fields_with_a_type() -> None:
+    found = _checked_in_rules()
+    assert found, "no CEL rules found"
+    problems = []
+    for where, rule in found:
+        cel.compile_rule(rule.rule)  # a rule that does not parse raises here
+        problems += [
+            f"{where} {rule.path}: {rule.rule!r} names {field}, which has no type"
+            for field in cel.untyped_references(rule)
+        ]
+    assert problems == []
+
+
+def test_the_rule_check_finds_a_rule_over_an_untyped_field() -> None:
+    # The shape the API server refused: `values` holds untyped items.
+    schema = {
+        "type": "object",
+        "properties": {
+            "values": {"type": "array", "items": {"x-kubernetes-preserve-unknown-fields": True}},
+            "range": {"type": "array", "items": {"type": "number"}},
+        },
+    }
+    rule = cel.Rule("p", schema, "has(self.values) != has(self.range)", "one of")
+    assert cel.untyped_references(rule) == ["self.values"]
+    assert cel.untyped_references(cel.Rule("p", schema, "self.range[0] > 0.0", "m")) == []
+    assert cel.untyped_references(cel.Rule("p", schema, "has(self.nothere)", "m")) == [
+        "self.nothere"
+    ]
+
+
+# One Campaign for each CEL rule (some for more than one), breaking it and nothing else.
+CEL_CASES = [
+    ("spec.experiment.git", {"url": "https://example.com/x.git"}, "set exactly one of bundled"),
+    ("spec.experiment.bundled", _DELETE, "set exactly one of bundled and git"),
+    ("spec.strategy.type", "llm", "strategy llm needs strategy.llm"),
+    (
+        "spec.trialTemplate.maxWallTimeSeconds",
+        300,
+        "maxWallTimeSeconds must be greater than timeBudgetSeconds",
+    ),
+    ("spec.strategy.sweep.parameters", {"LR": {"range": [0.5, 0.1]}}, RANGE_ORDER),
+    ("spec.strategy.sweep.parameters", {"LR": {"range": [0.2, 0.2]}}, RANGE_ORDER),
+    ("spec.strategy.sweep.parameters", {"LR": {"range": [0, 1], "log": True}}, LOG_RANGE_POSITIVE),
+]
+
+
+def test_the_good_campaign_keeps_every_rule() -> None:
+    assert cel.violations(_schema(CAMPAIGN), _good()) == []
+
+
+def test_every_cel_rule_has_a_case() -> None:
+    stated = {rule.message for _, rule in _checked_in_rules()}
+    cased = {message for _, _, message in CEL_CASES}
+    assert {m for m in stated if not any(m.startswith(c) for c in cased)} == set()
+
+
+@pytest.mark.parametrize(("path", "value", "message"), CEL_CASES)
+def test_a_cel_rule_refuses_and_the_operator_refuses_it_too_with_its_message(
+    path: str, value: Any, message: str
+) -> None:
+    manifest = _with(path, value)
+    broken = cel.violations(_schema(CAMPAIGN), manifest)
+    assert len(broken) == 1 and broken[0].startswith(message)
+    # A cluster that skips CEL still refuses it: the operator's own reading.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CampaignSpec.model_validate(manifest["spec"])
+
+
 @pytest.mark.parametrize(
-    ("path", "value", "message"),
-    [
-        ("spec.experiment.git", {"url": "https://example.com/x.git"}, "exactly one of bundled"),
-        ("spec.experiment.bundled", _DELETE, "exactly one of bundled"),
-        ("spec.strategy.type", "llm", "strategy llm needs strategy.llm"),
-        ("spec.trialTemplate.maxWallTimeSeconds", 300, "greater than timeBudgetSeconds"),
-        ("spec.strategy.sweep.parameters", {"LR": {"values": [1], "range": [1, 2]}}, "exactly one"),
-    ],
+    "parameter",
+    [{"values": [1], "range": [1, 2]}, {"steps": 3}],
+    ids=["both", "neither"],
 )
-def test_operator_checks_the_cel_rules_itself(path: str, value: Any, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        CampaignSpec.model_validate(_with(path, value)["spec"])
+def test_a_sweep_parameter_needs_exactly_one_of_values_and_range(parameter: Any) -> None:
+    manifest = _with("spec.strategy.sweep.parameters", {"LR": parameter})
+    assert _errors(CAMPAIGN, manifest), "the schema's oneOf accepted it"
+    with pytest.raises(ValueError, match="set exactly one of values and range"):
+        CampaignSpec.model_validate(manifest["spec"])
+
+
+def test_max_failed_trials_has_no_default_so_the_experiment_applies() -> None:
+    budget = _schema(CAMPAIGN)["properties"]["spec"]["properties"]["budget"]
+    assert "default" not in budget["properties"]["maxFailedTrials"]

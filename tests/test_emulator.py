@@ -510,10 +510,16 @@ async def test_finalizers_hold_the_deletion(kube: KubeEmulator) -> None:
     assert status == 404
 
 
+RUNNING = {"phase": "Running", "containerStatuses": [{"name": "m", "state": {"running": {}}}]}
+
+
 async def test_pod_logs(kube: KubeEmulator) -> None:
     pod = {"metadata": {"name": "p1"}, "spec": {"containers": [{"name": "m", "image": "x"}]}}
     await create(kube, PODS, pod)
     kube.pod_logs["default", "p1"] = "line1\nline2\n"
+    async with kube.get(url(PODS, "default", "p1", "log")) as response:
+        assert response.status == 400, "a container that has not started has no log yet"
+    await patch_status(kube, PODS, "default", "p1", RUNNING)
     async with kube.get(url(PODS, "default", "p1", "log")) as response:
         assert response.status == 200
         assert response.content_type == "text/plain"
@@ -527,6 +533,39 @@ async def test_pod_logs(kube: KubeEmulator) -> None:
     with pytest.raises(ApiException) as raised:
         await call(core.read_namespaced_pod_log, "nope", "default")
     assert raised.value.status == 404
+
+
+async def test_a_log_error_for_a_client_accepting_only_text_is_406(kube: KubeEmulator) -> None:
+    text_only = {"Accept": "text/plain"}
+    async with kube.get(url(PODS, "default", "nope", "log"), headers=text_only) as response:
+        assert response.status == 406
+    pod = {"metadata": {"name": "p2"}, "spec": {"containers": [{"name": "m", "image": "x"}]}}
+    await create(kube, PODS, pod)
+    async with kube.get(url(PODS, "default", "p2", "log"), headers=text_only) as response:
+        assert response.status == 406
+    await patch_status(kube, PODS, "default", "p2", RUNNING)
+    kube.pod_logs["default", "p2"] = "ok\n"
+    async with kube.get(url(PODS, "default", "p2", "log"), headers=text_only) as response:
+        assert response.status == 200 and await response.text() == "ok\n"
+
+
+async def test_the_operator_reads_a_log_and_no_log_yet_without_error(
+    kube: KubeEmulator, kubeconfig: Path
+) -> None:
+    from skylab.controller.kubeapi import KubeApi, load_client
+
+    api = KubeApi(load_client())
+    pod = {"metadata": {"name": "p3"}, "spec": {"containers": [{"name": "trainer", "image": "x"}]}}
+    await create(kube, PODS, pod)
+    assert await call(api.pod_log, "default", "p3") == ""  # waiting to start: 400
+    assert await call(api.pod_log, "default", "gone") == ""  # no such pod: 404
+    running = {
+        "phase": "Running",
+        "containerStatuses": [{"name": "trainer", "state": {"running": {}}}],
+    }
+    await patch_status(kube, PODS, "default", "p3", running)
+    kube.pod_logs["default", "p3"] = "step 1\n"
+    assert await call(api.pod_log, "default", "p3", 30) == "step 1\n"
 
 
 # A real kopf operator.

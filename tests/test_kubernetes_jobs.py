@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from skylab.api.models import TrialPhase, TrialTemplate
-from skylab.controller.reports import JobState, trial_ending
+from skylab.controller.reports import JobState, job_state, trial_ending
 from skylab.controller.settings import COMPILE_CACHE_VARIABLE, OperatorSettings
 from skylab.errors import UserError
 from skylab.executors.base import TrialLaunch
@@ -279,6 +279,26 @@ def test_a_trial_whose_cache_could_not_be_prepared_says_so() -> None:
         "the trainer never started: init container compile-cache exited 1: "
         "chown: changing ownership of '/cache': Read-only file system"
     )
+
+
+@pytest.mark.parametrize(
+    ("status", "phase"),
+    [
+        ({}, TrialPhase.PENDING),
+        ({"active": 1, "ready": 0}, TrialPhase.PENDING),  # the pod is pending: image, node
+        ({"active": 1, "ready": 1}, TrialPhase.RUNNING),
+        ({"active": 2, "ready": 1}, TrialPhase.RUNNING),  # one of two nodes' pods runs
+        ({"active": 1}, TrialPhase.RUNNING),  # a server that reports no `ready`
+        (
+            {"active": 0, "conditions": [{"type": "Complete", "status": "True"}]},
+            TrialPhase.SUCCEEDED,
+        ),
+    ],
+)
+def test_a_trial_runs_once_its_pod_is_ready_not_while_it_is_pending(
+    status: dict[str, Any], phase: TrialPhase
+) -> None:
+    assert job_state({"spec": {}, "status": status}).phase is phase
 
 
 def test_a_cache_is_a_host_path_or_a_claim() -> None:

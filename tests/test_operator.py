@@ -31,7 +31,9 @@ from kubelet import (  # noqa: F401  # the settings fixture registers under its 
     phase_is,
     rows,
     running_operator,
+    schedule_job,
     settings_fixture,
+    start_job,
     status,
     success,
     sweep_campaign,
@@ -222,6 +224,22 @@ async def test_a_kueue_trial_waits_queued_and_an_eviction_is_not_a_failure(
         await eventually(lambda: phase_is(kube, "kq", "Succeeded"), timeout=SLOW)
     assert rows(database_url, "kq") == [(1, "success", True, 0.9), (2, "success", True, 0.8)]
     assert names(kube, JOBS, NAMESPACE) == ["kq-0001", "kq-0002"]
+
+
+async def test_a_trial_whose_pod_is_still_pending_is_not_running(
+    kube: KubeEmulator, settings: OperatorSettings
+) -> None:
+    async with running_operator(kube, settings):
+        await create(kube, CAMPAIGNS, sweep_campaign("pend", budget={"maxTrials": 1}))
+        await eventually(lambda: stored(kube, JOBS, NAMESPACE, "pend-0001"), timeout=SLOW)
+        # As the Job controller reports a pod that waits for its image: active, not ready.
+        await schedule_job(kube, "pend-0001")
+        await asyncio.sleep(2)  # the Job's event has been handled by now
+        assert trial_phase(kube, "pend-0001") == "Pending"
+        assert "startTime" not in status(kube, TRIALS, "pend-0001")
+        await start_job(kube, "pend-0001")
+        await eventually(lambda: trial_phase(kube, "pend-0001") == "Running", timeout=SLOW)
+        assert status(kube, TRIALS, "pend-0001")["startTime"]
 
 
 async def test_health_endpoints_answer_once_kopf_runs_and_postgresql_answers(

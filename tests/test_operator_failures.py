@@ -6,6 +6,7 @@ The tests play the Job controller and the kubelet (tests/kubelet.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from threading import Event
@@ -93,19 +94,28 @@ async def test_crashed_oomkilled_and_timed_out_jobs_are_recorded_and_the_campaig
     ]
 
 
+@pytest.mark.parametrize(
+    ("budget", "failures"),
+    [
+        ({"maxFailedTrials": 3}, 3),  # the Campaign's word wins
+        ({}, 2),  # unset: the experiment's max_consecutive_failures
+    ],
+    ids=["campaign", "experiment"],
+)
 async def test_max_failed_trials_stops_the_campaign(
-    kube: KubeEmulator, settings: OperatorSettings
+    kube: KubeEmulator, settings: OperatorSettings, budget: dict[str, int], failures: int
 ) -> None:
     def script(number: int) -> Outcome:
         return success(1.0) if number == 1 else crash()
 
-    campaign = sweep_campaign("stop", budget={"maxFailedTrials": 2})
+    campaign = sweep_campaign("stop", budget=budget)
     async with running_operator(kube, settings), kubelet(kube, script):
         await create(kube, CAMPAIGNS, campaign)
         await eventually(lambda: phase_is(kube, "stop", "Failed"), timeout=SLOW)
-    assert names(kube, TRIALS, NAMESPACE) == ["stop-0001", "stop-0002", "stop-0003"]
+    assert names(kube, TRIALS, NAMESPACE) == [f"stop-{n:04d}" for n in range(1, failures + 2)]
     failed = condition(kube, "stop", "Failed")
     assert (failed["status"], failed["reason"]) == ("True", "ConsecutiveFailures")
+    assert f"limit {failures}" in failed["message"]
 
 
 async def test_suspend_stops_new_trials_and_resume_goes_on(
@@ -189,6 +199,29 @@ async def test_what_the_schema_cannot_catch_fails_the_campaign_with_a_reason(
     with Store.connect(database_url) as store:
         assert store.get_campaign(f"{NAMESPACE}/bad") is None
     assert not (settings.workspace_root / NAMESPACE / "bad.git").exists()
+
+
+async def test_a_range_the_api_server_let_in_fails_the_campaign_once_naming_the_field(
+    kube: KubeEmulator, settings: OperatorSettings
+) -> None:
+    # A cluster without CEL (or a CRD older than the rule) lets [high, low] in.
+    campaign = sweep_campaign("badrange")
+    campaign["spec"]["strategy"]["sweep"] = {"parameters": {"LR": {"range": [0.5, 0.1]}}}
+    async with running_operator(kube, settings) as (operator, _):
+        await create(kube, CAMPAIGNS, campaign)
+        await eventually(lambda: phase_is(kube, "badrange", "Failed"), timeout=SLOW)
+        await asyncio.sleep(settings.resync_seconds + 1)  # the timer looks at it again
+        errors = operator.metrics.render().decode()
+    failed = condition(kube, "badrange", "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"] == (
+        "spec.strategy.sweep.parameters.LR: range: must be [low, high] with low < high"
+    )
+    events = [stored(kube, "v1/events", NAMESPACE, name) or {} for name in names(kube, "v1/events")]
+    said = [e for e in events if e["involvedObject"]["name"] == "badrange"]
+    assert [e["reason"] for e in said] == ["InvalidSpec"]  # once, and no retries
+    assert "skylab_handler_errors_total{" not in errors
+    assert names(kube, TRIALS) == [] and names(kube, JOBS) == []
 
 
 async def test_a_missing_api_key_secret_fails_the_campaign(

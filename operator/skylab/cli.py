@@ -30,7 +30,7 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skylab", description=__doc__)
     parser.add_argument("--version", action="version", version=f"skylab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +125,18 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument(
         "--peering", help="kopf peering name: replicas with the same one stand by for each other"
     )
+    op.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="the least severe lines logged (default: info; debug adds kopf's own)",
+    )
+    op.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line (default: text)",
+    )
     op.set_defaults(handler=_operator)
 
     crds = commands.add_parser("crds", help="write the CustomResourceDefinitions")
@@ -140,10 +152,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _operator(args: argparse.Namespace) -> int:
     # Imported here: kopf and the kubernetes client belong to the operator extra.
+    from skylab.controller.events import configure_logging
     from skylab.controller.main import run_operator
     from skylab.controller.settings import OperatorSettings
 
-    run_operator(OperatorSettings.from_env(), args.namespace, args.peering)
+    settings = OperatorSettings.from_env()
+    configure_logging(args.log_level, args.log_format)
+    run_operator(settings, args.namespace, args.peering)
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +78,21 @@ class PrepareSection(_Section):
     ready_marker: str = "READY"
 
 
+# What a sweep range must be; the Campaign API states the same rules in its schema.
+RANGE_ORDER = "must be [low, high] with low < high"
+LOG_RANGE_POSITIVE = "a log range must have low > 0"
+
+
+def range_problem(bounds: Sequence[float], log: bool) -> str | None:
+    """Why BOUNDS (a sweep parameter's range, log-spaced if LOG) is unusable, if it is."""
+    low, high = bounds
+    if not low < high:
+        return RANGE_ORDER
+    if log and low <= 0:
+        return LOG_RANGE_POSITIVE
+    return None
+
+
 class SweepParameter(_Section):
     """One constant to sweep: a list of values, or a numeric range."""
 
@@ -90,12 +106,9 @@ class SweepParameter(_Section):
     def _values_or_range(self) -> SweepParameter:
         if (self.values is None) == (self.range is None):
             raise ValueError("give either 'values' or 'range'")
-        if self.range is not None:
-            low, high = self.range
-            if not low < high:
-                raise ValueError("'range' must be [low, high] with low < high")
-            if self.log and low <= 0:
-                raise ValueError("a log range must be positive")
+        problem = None if self.range is None else range_problem(self.range, self.log)
+        if problem is not None:
+            raise ValueError(f"range: {problem}")
         return self
 
 
@@ -168,7 +181,7 @@ def load_experiment(root: Path, profile: str | None = None) -> ExperimentConfig:
     try:
         config = ExperimentConfig.model_validate({**raw, "root": root, "profile": profile})
     except ValidationError as exc:
-        raise UserError(f"{path}: {_first_error(exc)}") from exc
+        raise UserError(f"{path}: {first_error(exc)}") from exc
     check_files(config, path)
     return config
 
@@ -183,9 +196,10 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def _first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError, root: str = "") -> str:
+    """The first of EXC's errors as one line: where (under ROOT), then what was expected."""
     error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    where = ".".join(str(part) for part in (root, *error["loc"]) if part != "") or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"{where}: required field is missing"

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from skylab.config import LOG_RANGE_POSITIVE, RANGE_ORDER, range_problem
 from skylab.constants import ConstantValue
 
 GROUP = "skylab.dev"
@@ -95,14 +96,29 @@ class MetricSpec(ApiModel):
 class SweepParameterSpec(ApiModel):
     """One module-level constant: a values list, or a numeric range."""
 
+    # Exactly one of the two is a oneOf of required fields, not a CEL rule: the items of
+    # `values` have no type (any scalar), and the API server's CEL compiler leaves fields
+    # without a type out of `self`, so a rule naming `values` does not compile.
     model_config = ConfigDict(
-        json_schema_extra=_rules(
-            ("has(self.values) != has(self.range)", "set exactly one of values and range")
-        )
+        json_schema_extra={
+            "oneOf": [{"required": ["values"]}, {"required": ["range"]}],
+            **_rules(
+                (
+                    "!has(self.range) || !has(self.log) || !self.log || self.range[0] > 0.0",
+                    LOG_RANGE_POSITIVE,
+                )
+            ),
+        }
     )
 
     values: list[ConstantValue] | None = Field(default=None, min_length=1)
-    range: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    range: list[float] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=2,
+        description="[low, high]",
+        json_schema_extra=_rules(("self[0] < self[1]", RANGE_ORDER)),
+    )
     steps: int | None = Field(default=None, ge=2)
     log: bool = False
     type: Literal["int", "float"] | None = None
@@ -111,6 +127,9 @@ class SweepParameterSpec(ApiModel):
     def _values_or_range(self) -> SweepParameterSpec:
         if (self.values is None) == (self.range is None):
             raise ValueError("set exactly one of values and range")
+        problem = None if self.range is None else range_problem(self.range, self.log)
+        if problem is not None:
+            raise ValueError(f"range: {problem}")
         return self
 
 
@@ -171,7 +190,13 @@ class BudgetSpec(ApiModel):
         default=None, pattern=DURATION_PATTERN, description="e.g. 8h, 90m, 1h30m"
     )
     max_trials: int | None = Field(default=None, ge=1, description="baseline included")
-    max_failed_trials: int = Field(default=5, ge=1, description="consecutive failed trials")
+    # No default here: unset, the experiment's max_consecutive_failures applies.
+    max_failed_trials: int | None = Field(
+        default=None,
+        ge=1,
+        description="consecutive failed trials (default: experiment.toml's"
+        " max_consecutive_failures)",
+    )
 
 
 class ResourceRequests(ApiModel):
@@ -203,8 +228,9 @@ class TrialTemplate(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=_rules(
             (
+                # An integer and a number: CEL compares them only once both are doubles.
                 "!has(self.maxWallTimeSeconds) || !has(self.timeBudgetSeconds)"
-                " || self.maxWallTimeSeconds > self.timeBudgetSeconds",
+                " || double(self.maxWallTimeSeconds) > self.timeBudgetSeconds",
                 "maxWallTimeSeconds must be greater than timeBudgetSeconds",
             ),
         )

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from skylab import engine
 from skylab.api.models import CampaignSpec
-from skylab.config import ExperimentConfig
+from skylab.config import ExperimentConfig, first_error
 from skylab.controller.kubeapi import KubeApi, Manifest
 from skylab.controller.settings import OperatorSettings
 from skylab.controller.sources import CampaignSetupError, experiment_config, take_snapshot
@@ -65,7 +65,7 @@ class CampaignContext:
         return engine.Limits(
             max_trials=budget.max_trials,
             budget_seconds=parse_duration(budget.wall_clock) if budget.wall_clock else None,
-            max_consecutive_failures=budget.max_failed_trials,
+            max_consecutive_failures=self.config.constraints.max_consecutive_failures,
         )
 
 
@@ -139,9 +139,7 @@ class CampaignOpener:
         try:
             spec = CampaignSpec.model_validate(body.get("spec") or {})
         except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(part) for part in error["loc"])
-            raise CampaignSetupError("InvalidSpec", f"spec.{where}: {error['msg']}") from None
+            raise CampaignSetupError("InvalidSpec", first_error(exc, "spec")) from None
         store = self.stores.get()
         record = store.get_campaign(database_name(namespace, name))
         if record is not None and record.config.get("uid") != uid:

@@ -21,6 +21,7 @@ from skylab.api.models import GROUP, VERSION
 Manifest = dict[str, Any]
 _JSON = "application/json"
 _MERGE_PATCH = "application/merge-patch+json"
+_LOG_ACCEPT = "text/plain, application/json;q=0.9, */*;q=0.8"
 _TIMEOUT_SECONDS = 30.0
 
 
@@ -119,7 +120,9 @@ class KubeApi:
             + "&".join(f"{key}={quote(value)}" for key, value in query.items())
         )
         try:
-            response = self._call("GET", path, accept="text/plain")
+            # The log is text, but an error is a Status object: a client that accepts
+            # only text/plain gets a 406 in place of any error.
+            response = self._call("GET", path, accept=_LOG_ACCEPT)
         except KubeError as exc:
             if exc.status in (400, 404):  # not started yet, or gone
                 return ""

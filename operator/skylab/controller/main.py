@@ -9,14 +9,17 @@ from typing import Any
 
 import kopf
 
+from skylab import __version__
 from skylab.controller.campaigns import CampaignController
 from skylab.controller.context import CampaignOpener, KeyedLocks, ThreadStores
+from skylab.controller.events import LOGGER
 from skylab.controller.handlers import register
 from skylab.controller.kubeapi import KubeApi, load_client
 from skylab.controller.metrics import Metrics
 from skylab.controller.settings import OperatorSettings
 from skylab.controller.trials import TrialController
 from skylab.gitserve import GitServer, Route
+from skylab.store.url import database_address
 
 _TEXT = "text/plain; charset=utf-8"
 _LIVENESS_TIMEOUT_SECONDS = 5.0
@@ -95,6 +98,13 @@ def run_operator(
     health = Health(operator.stores)
     kopf.on.startup(registry=operator.registry)(health.started)
     settings.workspace_root.mkdir(parents=True, exist_ok=True)
+    LOGGER.info(
+        "skylab operator %s: watching %s; git, probes and metrics on port %d; database %s",
+        __version__,
+        ", ".join(namespaces) or "all namespaces",
+        settings.http_port,
+        database_address(settings.database_url),
+    )
     server = GitServer(
         settings.workspace_root, port=settings.http_port, routes=health.routes(operator.metrics)
     ).start()

@@ -56,9 +56,11 @@ def job_state(job: Manifest) -> JobState:
     # it: either way the trial is waiting for its turn, not failing.
     if (job.get("spec") or {}).get("suspend"):
         return JobState(TrialPhase.QUEUED, False)
-    if (status.get("active") or 0) > 0:
-        return JobState(TrialPhase.RUNNING, False)
-    return JobState(TrialPhase.PENDING, False)
+    # `active` counts pods that are still pending too; `ready` counts those whose
+    # containers run (the trainer has no readiness probe). A server too old to report
+    # `ready` leaves active as the only sign.
+    running = status.get("ready", status.get("active")) or 0
+    return JobState(TrialPhase.RUNNING if running > 0 else TrialPhase.PENDING, False)
 
 
 def trial_ending(state: JobState, pods: list[Manifest], metric_name: str) -> Ending:

@@ -15,7 +15,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from skylab.api.models import CampaignSpec, ExperimentSource
-from skylab.config import CONFIG_FILE, ExperimentConfig, SweepSettings, check_files, load_experiment
+from skylab.config import (
+    CONFIG_FILE,
+    ExperimentConfig,
+    SweepSettings,
+    check_files,
+    first_error,
+    load_experiment,
+)
 from skylab.controller.kubeapi import KubeApi
 from skylab.errors import UserError
 from skylab_trainer.fetch import FetchError, fetch_commit
@@ -146,15 +153,21 @@ def experiment_config(snapshot: Path, spec: CampaignSpec) -> ExperimentConfig:
         execution["time_budget_seconds"] = template.time_budget_seconds
     if template.max_wall_time_seconds is not None:
         constraints["max_trial_wall_time"] = template.max_wall_time_seconds
-    constraints["max_consecutive_failures"] = spec.budget.max_failed_trials
+    if spec.budget.max_failed_trials is not None:  # the Campaign's word wins when it has one
+        constraints["max_consecutive_failures"] = spec.budget.max_failed_trials
     if spec.strategy.sweep is not None:
         sweep = spec.strategy.sweep.model_dump(exclude_none=True)
-        data["strategy"]["sweep"] = SweepSettings.model_validate(sweep).model_dump()
+        try:
+            data["strategy"]["sweep"] = SweepSettings.model_validate(sweep).model_dump()
+        except ValidationError as exc:
+            raise CampaignSetupError(
+                "InvalidSpec", first_error(exc, "spec.strategy.sweep")
+            ) from exc
     try:
         merged = ExperimentConfig.model_validate(data)
         check_files(merged, Path("spec.experiment"))
     except ValidationError as exc:
-        raise CampaignSetupError("InvalidSpec", f"spec: {exc.errors()[0]['msg']}") from exc
+        raise CampaignSetupError("InvalidSpec", f"spec: {first_error(exc)}") from exc
     except UserError as exc:
         raise CampaignSetupError("InvalidSpec", str(exc)) from exc
     return merged

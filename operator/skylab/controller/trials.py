@@ -214,7 +214,17 @@ class TrialController:
         value = "-" if row.metric is None else f"{row.metric:.6f}"
         metric = context.config.search.metric
         text = f"{row.status}, {metric}={value}: {decision} ({row.decision_reason})"
-        post(trial, str(decision), text, warning=row.status != "success")
+        if row.status != "success" and row.message:
+            text += f": {row.message}"
+        post(
+            trial,
+            str(decision),
+            text,
+            warning=row.status != "success",
+            status=row.status,
+            metric=row.metric,
+            decision=str(decision),
+        )
 
 
 class ProgressFollower:

@@ -8,9 +8,23 @@ from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from skylab.errors import UserError
 
 URL_VARIABLE = "SKYLAB_DATABASE_URL"
+
+
+def database_address(url: str) -> str:
+    """Where URL points (user@host:port/dbname), without its password: fit for a log."""
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "(an unreadable URL)"
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"{user}{parts.get('host') or 'localhost'}{port}/{parts.get('dbname') or ''}"
 
 
 def configured_url(url: str | None) -> str | None:
