@@ -22,7 +22,7 @@ from skylab.controller.kubeapi import KubeApi, load_client
 from skylab.controller.main import Operator, build_operator
 from skylab.controller.settings import OperatorSettings
 from skylab.store import Store
-from skylab_trainer.report import TrialReport, TrialStatus
+from skylab_trainer.report import RunReport, RunStatus
 from toy_experiment import write_toy_experiment
 
 GROUP_VERSION = "skylab.dev/v1alpha1"
@@ -43,7 +43,7 @@ PROGRESS_LOG = (
 class Outcome:
     """How a trial's Job ends."""
 
-    report: TrialReport | None  # None: the container wrote no termination message
+    report: RunReport | None  # None: the container wrote no termination message
     job_condition: str = "Complete"  # or Failed
     job_reason: str = ""  # e.g. DeadlineExceeded
     exit_code: int = 0
@@ -53,12 +53,12 @@ class Outcome:
 
 def success(metric: float, vram_mb: float = 1000.0) -> Outcome:
     metrics = {"val_bpb": metric, "peak_vram_mb": vram_mb, "training_seconds": 1.0}
-    report = TrialReport(TrialStatus.SUCCESS, "val_bpb", metric, metrics, exit_code=0)
+    report = RunReport(RunStatus.SUCCESS, "val_bpb", metric, metrics, exit_code=0)
     return Outcome(report)
 
 
 def crash(message: str = "RuntimeError: boom") -> Outcome:
-    report = TrialReport(TrialStatus.CRASH, "val_bpb", exit_code=1, message=message)
+    report = RunReport(RunStatus.CRASH, "val_bpb", exit_code=1, message=message)
     return Outcome(report, "Failed", "BackoffLimitExceeded", 1, "Error")
 
 

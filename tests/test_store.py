@@ -26,7 +26,7 @@ from skylab.store.migrate import MigrationError, available, migrate
 from skylab.store.url import URL_VARIABLE
 from skylab.strategies.base import Skipped, Usage
 from skylab_trainer.progress import Progress
-from skylab_trainer.report import TrialReport, TrialStatus
+from skylab_trainer.report import RunReport, RunStatus
 
 
 def _campaign(
@@ -50,8 +50,8 @@ def _start(store: Store, campaign_id: int, number: int) -> int:
     return trial.id
 
 
-def _report(status: TrialStatus = TrialStatus.SUCCESS, metric: float | None = 1.0) -> TrialReport:
-    return TrialReport(status=status, metric_name="val_bpb", metric=metric)
+def _report(status: RunStatus = RunStatus.SUCCESS, metric: float | None = 1.0) -> RunReport:
+    return RunReport(status=status, metric_name="val_bpb", metric=metric)
 
 
 def _finish(store: Store, campaign_id: int, number: int, metric: float, kept: bool) -> None:
@@ -250,8 +250,8 @@ def test_a_trial_round_trips_every_field(store: Store, database_url: str) -> Non
     assert started.metrics == {} and started.peak_vram_mb is None
     assert started.exit_code is None and started.duration_seconds is None
 
-    report = TrialReport(
-        status=TrialStatus.SUCCESS,
+    report = RunReport(
+        status=RunStatus.SUCCESS,
         metric_name="val_bpb",
         metric=0.9979,
         metrics={"val_bpb": 0.9979, "peak_vram_mb": 45060.2, "mfu": 39.7},
@@ -286,8 +286,8 @@ def test_a_trial_round_trips_every_field(store: Store, database_url: str) -> Non
 def test_non_finite_values_are_not_stored(store: Store) -> None:
     campaign = _campaign(store)
     trial_id = _start(store, campaign.id, 1)
-    report = TrialReport(
-        status=TrialStatus.CRASH,
+    report = RunReport(
+        status=RunStatus.CRASH,
         metric_name="val_bpb",
         metric=float("nan"),
         metrics={"val_bpb": float("nan"), "peak_vram_mb": 100.0},
@@ -305,7 +305,7 @@ def test_a_trial_is_finished_once(store: Store) -> None:
     first = store.finish_trial(trial_id, _report(metric=1.0), True, "baseline")
 
     with pytest.raises(TrialNotRunningError, match="#1 already finished as success"):
-        store.finish_trial(trial_id, _report(TrialStatus.CRASH, None), False, "again")
+        store.finish_trial(trial_id, _report(RunStatus.CRASH, None), False, "again")
     assert store.trials(campaign.id) == [first]
 
     with pytest.raises(LookupError):
@@ -317,8 +317,8 @@ def test_a_failed_finish_leaves_the_trial_untouched(store: Store) -> None:
     trial_id = _start(store, campaign.id, 1)
     [running] = store.trials(campaign.id)
     # It printed its metric, then hung until it was killed.
-    timed_out = TrialReport(
-        status=TrialStatus.TIMEOUT,
+    timed_out = RunReport(
+        status=RunStatus.TIMEOUT,
         metric_name="val_bpb",
         metric=0.99,
         exit_code=-9,

@@ -16,7 +16,7 @@ import pytest
 from skylab_trainer import supervise
 from skylab_trainer.cli import parse_config
 from skylab_trainer.output import MAX_LINE_CHARS, TAIL_LINES, LineSplitter, OutputSink
-from skylab_trainer.report import TrialReport, TrialStatus, write_report
+from skylab_trainer.report import RunReport, RunStatus, write_report
 from skylab_trainer.summary import find_metric, parse_summary
 
 DEFAULT_PATTERN = re.compile(r"^val_bpb:\s+([-+0-9.eE]+)", re.MULTILINE)
@@ -121,11 +121,11 @@ def test_metric_pattern_takes_the_last_match() -> None:
 def test_report_replaces_a_regular_file_atomically(tmp_path: Path) -> None:
     path = tmp_path / "report.json"
     path.write_text("stale")
-    report = TrialReport(status=TrialStatus.SUCCESS, metric_name="val_bpb", metric=1.0)
+    report = RunReport(status=RunStatus.SUCCESS, metric_name="val_bpb", metric=1.0)
 
     write_report(report, path)
 
-    assert TrialReport.from_json(path.read_text()) == report
+    assert RunReport.from_json(path.read_text()) == report
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temp file left
 
 
@@ -136,24 +136,24 @@ def test_report_is_written_into_a_special_file_in_place(tmp_path: Path) -> None:
     received: list[str] = []
     reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
     reader.start()
-    report = TrialReport(status=TrialStatus.CRASH, metric_name="val_bpb", message="boom")
+    report = RunReport(status=RunStatus.CRASH, metric_name="val_bpb", message="boom")
 
     write_report(report, fifo)
     reader.join(timeout=10)
 
     assert stat.S_ISFIFO(fifo.stat().st_mode)
-    assert [TrialReport.from_json(text) for text in received] == [report]
+    assert [RunReport.from_json(text) for text in received] == [report]
 
 
 @pytest.mark.parametrize("log_lines", [10, 100_000])
 def test_report_json_fits_the_termination_message_keeping_the_end(log_lines: int) -> None:
     tail = "\n".join(f"line {i} " + "x" * 60 for i in range(log_lines))
-    report = TrialReport(status=TrialStatus.CRASH, metric_name="val_bpb", log_tail=tail)
+    report = RunReport(status=RunStatus.CRASH, metric_name="val_bpb", log_tail=tail)
 
     text = report.to_json()
 
     assert len(text.encode()) <= 4096
-    kept = TrialReport.from_json(text).log_tail
+    kept = RunReport.from_json(text).log_tail
     assert kept == tail if log_lines == 10 else len(kept) > 2000
     assert tail.endswith(kept)
 

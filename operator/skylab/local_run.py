@@ -25,7 +25,7 @@ from skylab.executors.local import LocalExecutor
 from skylab.experiments import baseline_files
 from skylab.home import Home
 from skylab.store import open_database
-from skylab.store.db import CampaignRecord, CampaignStatus, Store, TrialRecord
+from skylab.store.db import CampaignRecord, CampaignState, Store, TrialRecord
 from skylab.strategies import build_strategy
 from skylab.strategies.base import (
     Exhausted,
@@ -37,7 +37,7 @@ from skylab.strategies.base import (
 )
 from skylab.workspace import Workspace
 from skylab_trainer.progress import Progress, parse_progress
-from skylab_trainer.report import TrialReport, TrialStatus
+from skylab_trainer.report import RunReport, RunStatus
 
 # Stop reasons that mean the campaign did not end well.
 _FAILURE_STOPS = {
@@ -274,7 +274,7 @@ class _Loop:
         recorder.flush()
         self._decide(trial, report)
 
-    def _decide(self, trial: TrialRecord, report: TrialReport) -> None:
+    def _decide(self, trial: TrialRecord, report: RunReport) -> None:
         best = engine.best_kept(
             [t.view() for t in self.store.trials(self.campaign.id)], self.objective
         )
@@ -289,7 +289,7 @@ class _Loop:
             self.workspace.advance(trial.commit)
         verdict = "kept" if decision.kept else "reverted"
         value = f"{report.metric:.6f}" if report.metric is not None else "-"
-        detail = f": {report.message}" if report.status != TrialStatus.SUCCESS else ""
+        detail = f": {report.message}" if report.status != RunStatus.SUCCESS else ""
         self.console.say(
             f"{self.campaign.name}-{trial.number:04d} {report.status} "
             f"{self.config.search.metric}={value} -> {verdict} ({decision.reason}){detail}"
@@ -331,7 +331,7 @@ class _Loop:
         self.workspace.advance(best.commit if best else self.baseline_commit)
 
     def _stop(self, stop: engine.Stop) -> CampaignRecord:
-        status: CampaignStatus = "failed" if stop.reason in _FAILURE_STOPS else "succeeded"
+        status: CampaignState = "failed" if stop.reason in _FAILURE_STOPS else "succeeded"
         self.store.set_campaign_status(self.campaign.id, status, stop.message)
         self.console.say(f"campaign {self.campaign.name} {status}: {stop.message}")
         campaign = self.store.get_campaign(self.campaign.name)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
-from skylab_trainer.report import TERMINATION_LOG, TrialReport, TrialStatus, write_report
+from skylab_trainer.report import TERMINATION_LOG, RunReport, RunStatus, write_report
 from skylab_trainer.supervise import Limits
 from skylab_trainer.trial import TrialConfig, run_trial
 
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: cannot write the report to {report_path}: {exc}", file=sys.stderr)
         return 1
     print(f"{PROG}: {_describe(report)}", file=sys.stderr)
-    return 0 if report.status is TrialStatus.SUCCESS else 1
+    return 0 if report.status is RunStatus.SUCCESS else 1
 
 
 def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[TrialConfig, Path]:
@@ -243,7 +243,7 @@ def _extra_env(pairs: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def _describe(report: TrialReport) -> str:
+def _describe(report: RunReport) -> str:
     metric = f" {report.metric_name}={report.metric}" if report.metric is not None else ""
     message = f": {report.message}" if report.message else ""
     return f"{report.status}{metric} in {report.duration_seconds:.1f}s{message}"

@@ -18,7 +18,7 @@ MAX_REPORT_BYTES = 4096
 TERMINATION_LOG = Path("/dev/termination-log")
 
 
-class TrialStatus(StrEnum):
+class RunStatus(StrEnum):
     SUCCESS = "success"  # ran to completion and printed the metric
     CRASH = "crash"  # non-zero exit, or no metric in the summary
     TIMEOUT = "timeout"  # outlived its max wall time and was killed
@@ -26,8 +26,8 @@ class TrialStatus(StrEnum):
 
 
 @dataclass
-class TrialReport:
-    status: TrialStatus
+class RunReport:
+    status: RunStatus
     metric_name: str
     metric: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -53,10 +53,10 @@ class TrialReport:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> TrialReport:
+    def from_json(cls, text: str) -> RunReport:
         data = json.loads(text)
         return cls(
-            status=TrialStatus(data["status"]),
+            status=RunStatus(data["status"]),
             metric_name=str(data["metric_name"]),
             metric=data.get("metric"),
             metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items()},
@@ -91,7 +91,7 @@ def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def write_report(report: TrialReport, path: Path) -> None:
+def write_report(report: RunReport, path: Path) -> None:
     """Write the report so a reader never sees half of it.
 
     A regular file is replaced atomically (temp file + rename). The termination log

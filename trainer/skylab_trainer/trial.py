@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from skylab_trainer.fetch import FetchError, fetch_commit
 from skylab_trainer.output import OutputSink
-from skylab_trainer.report import TrialReport, TrialStatus
+from skylab_trainer.report import RunReport, RunStatus
 from skylab_trainer.summary import find_metric, parse_summary, to_float
 from skylab_trainer.supervise import GroupEnd, Limits, RunResult, StopReason, supervise
 
@@ -41,7 +41,7 @@ class TrialConfig:
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
 
-def run_trial(config: TrialConfig, echo: BinaryIO) -> TrialReport:
+def run_trial(config: TrialConfig, echo: BinaryIO) -> RunReport:
     """Run the trial, echoing its output lines to `echo`; never raises for trial failures."""
     start = time.monotonic()
     try:
@@ -71,7 +71,7 @@ def _checkout(config: TrialConfig) -> Iterator[Path]:
             shutil.rmtree(dest, ignore_errors=True)
 
 
-def _run_in(cwd: Path, config: TrialConfig, echo: BinaryIO) -> TrialReport:
+def _run_in(cwd: Path, config: TrialConfig, echo: BinaryIO) -> RunReport:
     if not cwd.is_dir():
         return _failed(config, f"experiment path {config.subdir!r} is not a directory", 0.0)
     try:
@@ -95,12 +95,12 @@ def _command_env(config: TrialConfig) -> dict[str, str]:
     return env
 
 
-def _judge(result: RunResult, tail: list[str], config: TrialConfig) -> TrialReport:
+def _judge(result: RunResult, tail: list[str], config: TrialConfig) -> RunReport:
     """Turn how the command ended and what it printed last into the report."""
     metrics = parse_summary(tail)
     metric, metric_problem = _primary_metric(tail, metrics, config)
-    report = TrialReport(
-        status=TrialStatus.SUCCESS,
+    report = RunReport(
+        status=RunStatus.SUCCESS,
         metric_name=config.metric_name,
         metric=metric,
         metrics=metrics,
@@ -136,21 +136,21 @@ def _primary_metric(
 
 def _failure(
     result: RunResult, metric_problem: str | None, limits: Limits
-) -> tuple[TrialStatus, str] | None:
+) -> tuple[RunStatus, str] | None:
     if result.stopped_by is StopReason.SIGNAL:
         received = _signal_name(result.stop_signal) if result.stop_signal else "a signal"
-        return TrialStatus.KILLED, f"trainer stopped by {received}; {_how_stopped(result, limits)}"
+        return RunStatus.KILLED, f"trainer stopped by {received}; {_how_stopped(result, limits)}"
     if result.stopped_by is StopReason.TIMEOUT:
         limit = _format_seconds(limits.max_wall_time or 0.0)
         how = _how_stopped(result, limits)
-        return TrialStatus.TIMEOUT, f"exceeded max wall time of {limit}s; {how}"
+        return RunStatus.TIMEOUT, f"exceeded max wall time of {limit}s; {how}"
     code = result.exit_code
     if code is not None and code < 0:
-        return TrialStatus.CRASH, f"command killed by {_signal_name(-code)}"
+        return RunStatus.CRASH, f"command killed by {_signal_name(-code)}"
     if code != 0:
-        return TrialStatus.CRASH, f"command exited with code {code}"
+        return RunStatus.CRASH, f"command exited with code {code}"
     if metric_problem is not None:
-        return TrialStatus.CRASH, metric_problem
+        return RunStatus.CRASH, metric_problem
     return None
 
 
@@ -171,9 +171,9 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def _failed(config: TrialConfig, message: str, duration: float, log: str = "") -> TrialReport:
-    return TrialReport(
-        status=TrialStatus.CRASH,
+def _failed(config: TrialConfig, message: str, duration: float, log: str = "") -> RunReport:
+    return RunReport(
+        status=RunStatus.CRASH,
         metric_name=config.metric_name,
         duration_seconds=round(duration, 3),
         message=message,

@@ -35,8 +35,7 @@ from skylab.controller.metrics import Metrics
 from skylab.controller.sources import CampaignSetupError
 from skylab.executors.kubernetes import CAMPAIGN_LABEL, TRIAL_LABEL
 from skylab.store import Store
-from skylab.store.db import CampaignStatus as RecordStatus
-from skylab.store.db import TrialRecord
+from skylab.store.db import CampaignState, TrialRecord
 from skylab.strategies.base import (
     Exhausted,
     Proposal,
@@ -46,7 +45,7 @@ from skylab.strategies.base import (
     StrategyUnavailable,
     Usage,
 )
-from skylab_trainer.report import TrialReport, TrialStatus
+from skylab_trainer.report import RunReport, RunStatus
 
 # The proposal behind a Trial (sweep point, rationale, LLM usage), kept on the Trial
 # so that a restart between creating it and recording it loses nothing.
@@ -59,7 +58,7 @@ _FAILURE_STOPS = {
     engine.StopReason.STRATEGY_FAILED,
 }
 Clock = Callable[[], datetime]
-_RECORD_STATUS: dict[CampaignPhase, RecordStatus] = {
+_RECORD_STATUS: dict[CampaignPhase, CampaignState] = {
     CampaignPhase.RUNNING: "running",
     CampaignPhase.SUSPENDED: "stopped",
     CampaignPhase.SUCCEEDED: "succeeded",
@@ -184,8 +183,8 @@ class CampaignController:
         names = {trial["metadata"]["name"] for trial in trials}
         for row in store.trials(context.record.id):
             if row.status == "running" and trial_name(context.name, row.number) not in names:
-                report = TrialReport(
-                    TrialStatus.KILLED,
+                report = RunReport(
+                    RunStatus.KILLED,
                     context.config.search.metric,
                     message="the Trial was deleted before it finished",
                 )

@@ -13,13 +13,13 @@ from typing import Any
 from skylab.api.models import TrialPhase
 from skylab.controller.kubeapi import Manifest
 from skylab.executors.kubernetes import COMPLETION_INDEX_ANNOTATION, CONTAINER
-from skylab_trainer.report import MAX_REPORT_BYTES, TrialReport, TrialStatus
+from skylab_trainer.report import MAX_REPORT_BYTES, RunReport, RunStatus
 
 PHASE_OF_STATUS = {
-    TrialStatus.SUCCESS: TrialPhase.SUCCEEDED,
-    TrialStatus.CRASH: TrialPhase.FAILED,
-    TrialStatus.TIMEOUT: TrialPhase.TIMED_OUT,
-    TrialStatus.KILLED: TrialPhase.STOPPED,
+    RunStatus.SUCCESS: TrialPhase.SUCCEEDED,
+    RunStatus.CRASH: TrialPhase.FAILED,
+    RunStatus.TIMEOUT: TrialPhase.TIMED_OUT,
+    RunStatus.KILLED: TrialPhase.STOPPED,
 }
 
 
@@ -33,7 +33,7 @@ class JobState:
 
 @dataclass(frozen=True)
 class Ending:
-    report: TrialReport
+    report: RunReport
     reason: str  # the Trial status reason: Completed, Crashed, OOMKilled, Evicted, ...
 
 
@@ -71,15 +71,15 @@ def trial_ending(state: JobState, pods: list[Manifest], metric_name: str) -> End
     if message.strip():
         return _parse(message, metric_name)
 
-    def failed(reason: str, text: str, status: TrialStatus = TrialStatus.CRASH) -> Ending:
+    def failed(reason: str, text: str, status: RunStatus = RunStatus.CRASH) -> Ending:
         code = (terminated or {}).get("exitCode")
-        return Ending(TrialReport(status, metric_name, exit_code=code, message=text), reason)
+        return Ending(RunReport(status, metric_name, exit_code=code, message=text), reason)
 
     if state.reason == "DeadlineExceeded":
         return failed(
             "TimedOut",
             "the Job's deadline (activeDeadlineSeconds) passed before the trainer reported",
-            TrialStatus.TIMEOUT,
+            RunStatus.TIMEOUT,
         )
     if terminated is not None and terminated.get("reason") == "OOMKilled":
         return failed("OOMKilled", "the trainer container ran out of memory (OOMKilled)")
@@ -104,7 +104,7 @@ def _parse(message: str, metric_name: str) -> Ending:
             f"the report is {size} bytes, over the {MAX_REPORT_BYTES} limit", metric_name
         )
     try:
-        report = TrialReport.from_json(message)
+        report = RunReport.from_json(message)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return _malformed(
             f"the report is not a trial report ({type(exc).__name__}: {exc})", metric_name
@@ -112,16 +112,16 @@ def _parse(message: str, metric_name: str) -> Ending:
     if report.metric is not None and not isinstance(report.metric, (int, float)):
         return _malformed("the report's metric is not a number", metric_name)
     reason = {
-        TrialStatus.SUCCESS: "Completed",
-        TrialStatus.CRASH: "Crashed",
-        TrialStatus.TIMEOUT: "TimedOut",
-        TrialStatus.KILLED: "Killed",
+        RunStatus.SUCCESS: "Completed",
+        RunStatus.CRASH: "Crashed",
+        RunStatus.TIMEOUT: "TimedOut",
+        RunStatus.KILLED: "Killed",
     }[report.status]
     return Ending(report, reason)
 
 
 def _malformed(why: str, metric_name: str) -> Ending:
-    report = TrialReport(TrialStatus.CRASH, metric_name, message=f"malformed report: {why}")
+    report = RunReport(RunStatus.CRASH, metric_name, message=f"malformed report: {why}")
     return Ending(report, "MalformedReport")
 
 

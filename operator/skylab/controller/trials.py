@@ -33,7 +33,7 @@ from skylab.executors.kubernetes import TRIAL_LABEL, trial_job
 from skylab.store import Store, TrialNotRunningError
 from skylab.store.db import TrialRecord
 from skylab_trainer.progress import parse_progress
-from skylab_trainer.report import TrialReport, TrialStatus
+from skylab_trainer.report import RunReport, RunStatus
 
 _REASON_OF_STATUS = {
     "success": "Completed",
@@ -103,8 +103,8 @@ class TrialController:
         job = self.api.get_job(context.namespace, name)
         if job is None:
             if status.get("jobName"):
-                report = TrialReport(
-                    TrialStatus.KILLED,
+                report = RunReport(
+                    RunStatus.KILLED,
                     context.config.search.metric,
                     message="its Job was deleted before it finished",
                 )
@@ -197,7 +197,7 @@ class TrialController:
     def _publish(
         self, context: CampaignContext, trial: Manifest, row: TrialRecord, reason: str
     ) -> None:
-        phase = PHASE_OF_STATUS[TrialStatus(row.status)]
+        phase = PHASE_OF_STATUS[RunStatus(row.status)]
         decision = Decision.KEPT if row.kept else Decision.REVERTED
         status = {
             "phase": str(phase),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from skylab_trainer.report import TrialReport
+from skylab_trainer.report import RunReport
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,6 @@ class TrialLaunch:
 class TrialInterrupted(Exception):
     """The trial was stopped from outside (Ctrl-C, SIGTERM); REPORT says so."""
 
-    def __init__(self, report: TrialReport) -> None:
+    def __init__(self, report: RunReport) -> None:
         super().__init__(report.message or "trial interrupted")
         self.report = report

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from skylab.executors.base import TrialInterrupted, TrialLaunch
-from skylab_trainer.report import TrialReport, TrialStatus
+from skylab_trainer.report import RunReport, RunStatus
 
 # Seconds the trainer waits between SIGTERM and SIGKILL of the training process group.
 KILL_GRACE_SECONDS = 5.0
@@ -22,7 +22,7 @@ class LocalExecutor:
     def run_dir(self, launch: TrialLaunch) -> Path:
         return self.runs_dir / launch.name
 
-    def run(self, launch: TrialLaunch, on_line: Callable[[str], None]) -> TrialReport:
+    def run(self, launch: TrialLaunch, on_line: Callable[[str], None]) -> RunReport:
         """Run one trial to its end; raise TrialInterrupted on Ctrl-C or SIGTERM."""
         run_dir = self.run_dir(launch)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,8 +79,8 @@ class LocalExecutor:
             _stop(trainer)
         report = _read_report(report_path, launch, trainer.returncode)
         if interrupted:
-            if report.status != TrialStatus.KILLED:
-                report.status = TrialStatus.KILLED
+            if report.status != RunStatus.KILLED:
+                report.status = RunStatus.KILLED
                 report.message = report.message or "interrupted"
             raise TrialInterrupted(report)
         return report
@@ -101,12 +101,12 @@ def _stop(trainer: subprocess.Popen[str]) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def _read_report(path: Path, launch: TrialLaunch, exit_code: int | None) -> TrialReport:
+def _read_report(path: Path, launch: TrialLaunch, exit_code: int | None) -> RunReport:
     try:
-        return TrialReport.from_json(path.read_text())
+        return RunReport.from_json(path.read_text())
     except (OSError, ValueError, KeyError) as exc:
-        return TrialReport(
-            status=TrialStatus.CRASH,
+        return RunReport(
+            status=RunStatus.CRASH,
             metric_name=launch.metric_name,
             exit_code=exit_code,
             message=f"the trainer left no readable report ({exc})",

@@ -3,7 +3,7 @@
 from skylab.store.db import (
     CampaignExistsError,
     CampaignRecord,
-    CampaignStatus,
+    CampaignState,
     Direction,
     Store,
     TrialNotRunningError,
@@ -14,7 +14,7 @@ from skylab.store.url import configured_url, open_database
 __all__ = [
     "CampaignExistsError",
     "CampaignRecord",
-    "CampaignStatus",
+    "CampaignState",
     "Direction",
     "Store",
     "TrialNotRunningError",

@@ -25,9 +25,9 @@ from skylab.errors import UserError
 from skylab.store.migrate import migrate
 from skylab.strategies.base import PastTrial, Skipped, Usage
 from skylab_trainer.progress import Progress
-from skylab_trainer.report import TrialReport
+from skylab_trainer.report import RunReport
 
-CampaignStatus = Literal["running", "succeeded", "stopped", "failed", "interrupted"]
+CampaignState = Literal["running", "succeeded", "stopped", "failed", "interrupted"]
 Direction = Literal["minimize", "maximize"]
 Row = dict[str, Any]
 
@@ -47,7 +47,7 @@ class CampaignRecord:
     experiment: str
     strategy: str
     profile: str | None
-    status: CampaignStatus
+    status: CampaignState
     stop_reason: str | None
     branch: str
     config: dict[str, Any]
@@ -208,7 +208,7 @@ class Store:
         return None if row is None else CampaignRecord(**row)
 
     def set_campaign_status(
-        self, campaign_id: int, status: CampaignStatus, stop_reason: str | None = None
+        self, campaign_id: int, status: CampaignState, stop_reason: str | None = None
     ) -> CampaignRecord:
         """Record STATUS; any status but running is an end, stamped with finished_at."""
         query = sql.SQL(
@@ -310,7 +310,7 @@ class Store:
             return _trial(_one(cursor.execute(query, values)))
 
     def finish_trial(
-        self, trial_id: int, report: TrialReport, kept: bool, decision_reason: str
+        self, trial_id: int, report: RunReport, kept: bool, decision_reason: str
     ) -> TrialRecord:
         """Record a running trial's outcome and the keep-or-revert decision, once."""
         query = sql.SQL(
