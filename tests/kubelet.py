@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -78,13 +80,15 @@ async def schedule_job(kube: KubeEmulator, name: str) -> str:
     """The Job's pod exists and waits to start (its image pulling, say), as the Job
     controller then reports it: active, not ready. Returns the pod's name."""
     pod = f"{name}-{next(_pod_ids):05d}"
+    job = stored(kube, JOBS, NAMESPACE, name) or {}
+    labels = ((job.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels")
     await create(
         kube,
         PODS,
         {
             "metadata": {
                 "name": pod,
-                "labels": {"skylab.dev/trial": name, "job-name": name},
+                "labels": {**(labels or {"skylab.dev/trial": name}), "job-name": name},
                 "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
             },
             "spec": {"containers": [{"name": "trainer", "image": "trainer"}]},
@@ -103,7 +107,15 @@ async def schedule_job(kube: KubeEmulator, name: str) -> str:
 
 
 def job_pods(kube: KubeEmulator, name: str) -> list[str]:
-    return [p for p in names(kube, PODS, NAMESPACE) if p.startswith(f"{name}-")]
+    """The pods start_job made for Job NAME (named NAME-NNNNN)."""
+    return [p for p in names(kube, PODS, NAMESPACE) if re.fullmatch(rf"{name}-\d{{5}}", p)]
+
+
+def trial_and_run(job: str) -> tuple[int, int]:
+    """The trial number and run number a trial Job's name gives (x-0003-r2: 3, 2)."""
+    found = re.search(r"-(\d{4})(?:-r(\d+))?$", job)
+    assert found is not None, job
+    return int(found[1]), int(found[2] or 1)
 
 
 async def start_job(kube: KubeEmulator, name: str, log: str = "") -> None:
@@ -151,12 +163,55 @@ async def end_job(kube: KubeEmulator, name: str, outcome: Outcome) -> None:
     )
 
 
+def progress_log(losses: list[float]) -> str:
+    """A training log, its loss at each tenth of the budget."""
+    lines = [
+        f"step {i:05d} | loss {loss:.6f} | done {100 * i / len(losses):.1f}% | left 1s"
+        for i, loss in enumerate(losses, start=1)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+GOOD = progress_log([4.0 - 0.2 * i for i in range(10)])
+SLIGHTLY_DIFFERENT = progress_log([4.02 - 0.2 * i for i in range(10)])
+# Far above the others from 30% of the budget on: a run to prune.
+HOPELESS = progress_log([4.0 - 0.05 * i for i in range(10)])
+
+
+class LossCurves:
+    """The logs runs print, and whether the operator has stored each run's curve yet."""
+
+    def __init__(self, database_url: str, campaign: str) -> None:
+        self.store = Store.connect(database_url)
+        self.campaign = campaign
+
+    def logs(self, by_trial: dict[int, list[str]]) -> dict[str, str]:
+        """Job name -> log, from each trial's logs in run order."""
+        return {
+            f"{self.campaign}-{number:04d}" + ("" if run == 1 else f"-r{run}"): log
+            for number, texts in by_trial.items()
+            for run, log in enumerate(texts, start=1)
+        }
+
+    def followed(self, number: int, run: int) -> bool:
+        record = self.store.get_campaign(f"{NAMESPACE}/{self.campaign}")
+        trial = None if record is None else self.store.get_trial(record.id, number)
+        return trial is not None and len(self.store.progress(trial.id, run)) == 10
+
+    def close(self) -> None:
+        self.store.close()
+
+
 @dataclass
 class Kubelet:
-    """Runs every new Job of the emulator to the outcome SCRIPT gives for its trial number."""
+    """Runs every new Job of the emulator to the outcome SCRIPT gives for its trial number
+    (RUN_SCRIPT, when given: for its trial and run numbers)."""
 
     kube: KubeEmulator
     script: Callable[[int], Outcome | None]  # None: start that Job and leave it running
+    run_script: Callable[[int, int], Outcome | None] | None = None
+    # What a Job's container prints, by Job name (PROGRESS_LOG for the others).
+    logs: dict[str, str] = field(default_factory=dict)
     started: set[str] = field(default_factory=set)
     ended: set[str] = field(default_factory=set)
 
@@ -168,8 +223,12 @@ class Kubelet:
                     continue
                 if job not in self.started:
                     self.started.add(job)
-                    await start_job(self.kube, job, log=PROGRESS_LOG)
-                outcome = self.script(int(job.rsplit("-", 1)[1]))
+                    await start_job(self.kube, job, log=self.logs.get(job, PROGRESS_LOG))
+                number, run = trial_and_run(job)
+                if self.run_script is not None:
+                    outcome = self.run_script(number, run)
+                else:
+                    outcome = self.script(number)
                 if outcome is not None:
                     self.ended.add(job)
                     await end_job(self.kube, job, outcome)
@@ -178,9 +237,11 @@ class Kubelet:
 
 @asynccontextmanager
 async def kubelet(
-    kube: KubeEmulator, script: Callable[[int], Outcome | None]
+    kube: KubeEmulator,
+    script: Callable[[int], Outcome | None] = lambda number: None,
+    run_script: Callable[[int, int], Outcome | None] | None = None,
 ) -> AsyncIterator[Kubelet]:
-    player = Kubelet(kube, script)
+    player = Kubelet(kube, script, run_script)
     task = asyncio.create_task(player.run())
     try:
         yield player
@@ -193,7 +254,7 @@ async def kubelet(
 
 
 # Seconds to wait for a whole campaign: generous, the emulator shares two slow cores.
-SLOW = 300
+SLOW = float(os.environ.get("SKYLAB_TEST_SLOW", 300))
 GRID = """
 [strategy.sweep.parameters.LR]
 values = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
@@ -295,6 +356,7 @@ API_METHODS = (
     "get_job",
     "list_pods",
     "pod_log",
+    "delete_job",
     "read_secret_key",
 )
 

@@ -165,7 +165,7 @@ def _defaults_wire_the_operator_its_database_and_the_trainer_pods(release: Relea
     example = yaml.safe_load((REPO / "examples" / "campaign-sweep.yaml").read_text())
     template = TrialTemplate.model_validate(example["spec"]["trialTemplate"])
     launch = TrialLaunch(
-        name="gpt-sweep-0001",
+        trial="gpt-sweep-0001",
         repo=f"{settings.git_url}/default/gpt-sweep.git",
         commit="a" * 40,
         command="python train.py",
@@ -283,7 +283,7 @@ async def test_the_compile_cache_values_reach_the_jobs_of_every_trial(
 
     example = yaml.safe_load((REPO / "examples" / "campaign-multigpu.yaml").read_text())
     launch = TrialLaunch(
-        name="gpt-ddp-0001",
+        trial="gpt-ddp-0001",
         repo="http://skylab.default.svc:8080/git/default/gpt-ddp.git",
         commit="a" * 40,
         command="python train.py",

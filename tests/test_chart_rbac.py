@@ -3,7 +3,8 @@
 Helm installs the chart into the emulator, then the operator runs as the chart's Deployment
 runs it (cluster-wide, in the peering the chart creates) through a campaign that takes every
 path to the API: a git source with credentials, multi-node trials, progress read from pod
-logs, events, a Service left over from an earlier run, and the Campaign's deletion. Every call
+logs, a run pruned (its Job deleted), events, a Service left over from an earlier run, and
+the Campaign's deletion. Every call
 it made must be granted by the role Helm rendered, and every grant of that role used.
 """
 
@@ -19,15 +20,21 @@ from chart import Release, helm_install
 from emulator import KubeEmulator
 from kubelet import (  # noqa: F401  # the settings fixture registers under its own name
     CAMPAIGNS,
+    GOOD,
     GRID,
+    HOPELESS,
     NAMESPACE,
     SERVICES,
+    SLIGHTLY_DIFFERENT,
     SLOW,
+    TRIALS,
+    LossCurves,
     Outcome,
     kubelet,
     phase_is,
     running_operator,
     settings_fixture,
+    status,
     success,
     sweep_campaign,
 )
@@ -50,6 +57,11 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(900)]
 # stays out of the way of the tests' kubelet, which runs every Job in NAMESPACE.
 RELEASE_NAMESPACE = "skylab"
 PEERINGS = "kopf.dev/v1/clusterkopfpeerings"
+PRUNING = """
+[decision]
+baseline_runs = 2
+confirm_runs = 0
+"""
 
 
 async def test_the_rules_read_from_the_template_are_the_ones_helm_renders(
@@ -69,7 +81,8 @@ def peering_name(release: Release) -> str:
 
 def git_repository(path: Path) -> Path:
     """A repository whose main branch holds the toy experiment."""
-    write_toy_experiment(path, GRID)
+    # Two baseline runs, no confirmations: enough for a second trial to be pruned.
+    write_toy_experiment(path, GRID, decision=PRUNING)
     author = ["-c", "user.name=skylab", "-c", "user.email=skylab@example.com"]
     for args in (
         ["init", "-q", "-b", "main"],
@@ -104,18 +117,27 @@ async def test_the_operator_uses_every_grant_of_the_chart_role_and_needs_no_othe
         "git": {"url": str(source), "ref": "main", "credentialsSecret": "git"}
     }
 
-    def script(number: int) -> Outcome | None:
-        # The first trial runs until the operator has read its progress from the pod's log.
-        if number == 1 and not any(request.subresource == "log" for request in kube):
+    curves = LossCurves(settings.database_url, "rbac")
+
+    def script(number: int, run: int) -> Outcome | None:
+        # The baseline's runs go on until the operator has read their curves from the pods'
+        # logs; the second trial's until the operator prunes it (and deletes its Job).
+        if number == 2 or not curves.followed(number, run):
             return None
         return success(1.0 - number / 10)
 
-    async with running_operator(kube, settings, peering=peering), kubelet(kube, script):
+    async with (
+        running_operator(kube, settings, peering=peering),
+        kubelet(kube, run_script=script) as player,
+    ):
+        player.logs = curves.logs({1: [GOOD, SLIGHTLY_DIFFERENT], 2: [HOPELESS]})
         await create(kube, CAMPAIGNS, campaign)
         await eventually(lambda: phase_is(kube, "rbac", "Succeeded"), timeout=SLOW)
+        assert status(kube, TRIALS, "rbac-0002")["phase"] == "Pruned"
         async with kube.delete(url(CAMPAIGNS, NAMESPACE, "rbac")) as response:
             assert response.status == 200
         await eventually(lambda: stored(kube, CAMPAIGNS, NAMESPACE, "rbac") is None, timeout=SLOW)
+    curves.close()
 
     made = operator_calls(kube, since)
     missing = ungranted(rules, made)

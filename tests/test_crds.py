@@ -81,7 +81,7 @@ def test_crd_shape() -> None:
     (version,) = crd["spec"]["versions"]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Campaign", "Phase", "Metric", "Decision", "Description", "Age"]
+    assert columns == ["Campaign", "Phase", "Runs", "Metric", "Decision", "Description", "Age"]
     campaign_columns = definition(CAMPAIGN)["spec"]["versions"][0]["additionalPrinterColumns"]
     assert [c["name"] for c in campaign_columns] == ["Phase", "Trials", "Best", "Strategy", "Age"]
 

@@ -3,73 +3,264 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
 from skylab.engine import (
-    Limits,
+    CampaignLimits,
+    CurvePoint,
+    EndReason,
+    NextRun,
+    NoisePolicy,
     Objective,
-    Outcome,
     Propose,
+    RunAgain,
+    RunView,
+    Spread,
     StartBaseline,
     Stop,
-    StopReason,
     TrialView,
+    Verdict,
     best_kept,
-    decide,
+    judge,
     next_action,
     plan,
+    pooled_sigma,
+    prune_reason,
 )
 
 MIN = Objective("minimize")
 MAX = Objective("maximize")
 
 
+OFF = NoisePolicy(aware=False)
+SIGMA = Spread(0.01)  # a sigma taken as known: z is not widened
+AWARE = NoisePolicy()  # 3 baseline runs, 2 confirmation runs, z = 2
+
+
+def _run(status: str, metric: float | None = None, vram: float | None = None) -> RunView:
+    return RunView(1, status, metric, vram)
+
+
+def _judged(trial_runs: list[RunView], best: float | None, **trial: object) -> TrialView:
+    runs = tuple(replace(run, number=i) for i, run in enumerate(trial_runs, start=1))
+    return TrialView(trial.get("number", 2), "running", best is None, "c", runs=runs)  # type: ignore[arg-type]
+
+
+def _best(*values: float) -> TrialView:
+    runs = tuple(RunView(i, "success", v) for i, v in enumerate(values, start=1))
+    return TrialView(1, "success", True, "c1", sum(values) / len(values), True, runs)
+
+
+# The single-run rule (noise = "off"): the old greedy decision, both directions.
 @pytest.mark.parametrize(
-    ("objective", "outcome", "best", "baseline", "kept"),
+    ("objective", "run", "best", "kept"),
     [
         # minimize: lower is better
-        (MIN, Outcome("success", 0.99), 1.00, False, True),
-        (MIN, Outcome("success", 1.00), 1.00, False, False),  # a tie is not an improvement
-        (MIN, Outcome("success", 1.01), 1.00, False, False),
+        (MIN, _run("success", 0.99), 1.00, True),
+        (MIN, _run("success", 1.00), 1.00, False),  # a tie is not an improvement
+        (MIN, _run("success", 1.01), 1.00, False),
         # maximize: higher is better
-        (MAX, Outcome("success", 0.51), 0.50, False, True),
-        (MAX, Outcome("success", 0.50), 0.50, False, False),
-        (MAX, Outcome("success", 0.49), 0.50, False, False),
+        (MAX, _run("success", 0.51), 0.50, True),
+        (MAX, _run("success", 0.50), 0.50, False),
+        (MAX, _run("success", 0.49), 0.50, False),
         # min_improvement is a margin the new value must clear
-        (Objective("minimize", 0.01), Outcome("success", 0.995), 1.00, False, False),
-        (Objective("minimize", 0.01), Outcome("success", 0.989), 1.00, False, True),
-        (Objective("maximize", 0.01), Outcome("success", 0.505), 0.50, False, False),
-        (Objective("maximize", 0.01), Outcome("success", 0.511), 0.50, False, True),
+        (Objective("minimize", 0.01), _run("success", 0.995), 1.00, False),
+        (Objective("minimize", 0.01), _run("success", 0.989), 1.00, True),
+        (Objective("maximize", 0.01), _run("success", 0.505), 0.50, False),
+        (Objective("maximize", 0.01), _run("success", 0.511), 0.50, True),
         # failures are never kept, even with a great metric
-        (MIN, Outcome("crash", 0.10), 1.00, False, False),
-        (MIN, Outcome("timeout", 0.10), 1.00, False, False),
-        (MIN, Outcome("killed", 0.10), 1.00, False, False),
-        (MIN, Outcome("crash", None), None, True, False),
+        (MIN, _run("crash", 0.10), 1.00, False),
+        (MIN, _run("timeout", 0.10), 1.00, False),
+        (MIN, _run("pruned"), 1.00, False),
+        (MIN, _run("crash"), None, False),
         # no metric, or a non-finite one
-        (MIN, Outcome("success", None), 1.00, False, False),
-        (MIN, Outcome("success", math.nan), 1.00, False, False),
-        (MIN, Outcome("success", -math.inf), 1.00, False, False),
+        (MIN, _run("success"), 1.00, False),
+        (MIN, _run("success", math.nan), 1.00, False),
+        (MIN, _run("success", -math.inf), 1.00, False),
         # the baseline is kept whatever its value, if it succeeded
-        (MIN, Outcome("success", 5.0), None, True, True),
-        (MAX, Outcome("success", 0.0), None, True, True),
+        (MIN, _run("success", 5.0), None, True),
+        (MAX, _run("success", 0.0), None, True),
         # a VRAM cap reverts an otherwise better trial
-        (
-            Objective("minimize", max_vram_mb=1000),
-            Outcome("success", 0.5, 2000.0),
-            1.0,
-            False,
-            False,
-        ),
-        (Objective("minimize", max_vram_mb=1000), Outcome("success", 0.5, 900.0), 1.0, False, True),
+        (Objective("minimize", max_vram_mb=1000), _run("success", 0.5, 2000.0), 1.0, False),
+        (Objective("minimize", max_vram_mb=1000), _run("success", 0.5, 900.0), 1.0, True),
     ],
 )
-def test_decide(
-    objective: Objective, outcome: Outcome, best: float | None, baseline: bool, kept: bool
+def test_the_single_run_rule(
+    objective: Objective, run: RunView, best: float | None, kept: bool
 ) -> None:
-    decision = decide(objective, outcome, best, baseline)
-    assert decision.kept is kept
-    assert decision.reason
+    verdict = judge(
+        objective, OFF, _judged([run], best), None if best is None else _best(best), SIGMA
+    )
+    assert isinstance(verdict, Verdict)
+    assert verdict.kept is kept
+    assert verdict.reason
+    assert verdict.status == run.status
+
+
+def test_a_failed_run_is_the_trials_status() -> None:
+    verdict = judge(
+        MIN, AWARE, _judged([_run("success", 0.9), _run("timeout")], 1.0), _best(1.0), 0.01
+    )
+    assert verdict == Verdict(False, "run 2 timeout: never kept", "timeout")
+
+
+def test_an_interrupted_run_is_run_again_and_not_counted() -> None:
+    trial = _judged([_run("success", 0.9), _run("killed")], 1.0)
+    assert isinstance(judge(MIN, AWARE, trial, _best(1.0, 1.0, 1.0), SIGMA), RunAgain)
+    assert trial.counted_runs == trial.runs[:1]
+
+
+@pytest.mark.parametrize(
+    ("values", "judged"),
+    [
+        ([1.0], RunAgain),
+        ([1.0, 1.01], RunAgain),
+        ([1.0, 1.01, 0.99], Verdict),
+    ],
+)
+def test_the_baseline_runs_baseline_runs_times(values: list[float], judged: type) -> None:
+    trial = _judged([_run("success", v) for v in values], None)
+    result = judge(MIN, AWARE, trial, None, SIGMA)
+    assert isinstance(result, judged)
+    if isinstance(result, Verdict):
+        assert result.kept and "1.000000 ± 0.010000 (n=3)" in result.reason
+
+
+# Noise-aware: sigma 0.01, the best's mean 1.0 over 3 runs; keep iff the candidate's mean
+# beats it by more than 2 * 0.01 * sqrt(1/n + 1/3).
+@pytest.mark.parametrize(
+    ("objective", "values", "best", "expected"),
+    [
+        # a first run that does not beat the best's mean is reverted at once, both ways
+        (MIN, [1.001], (1.0, 1.0, 1.0), False),
+        (MIN, [1.0], (1.0, 1.0, 1.0), False),
+        (MAX, [0.999], (1.0, 1.0, 1.0), False),
+        # a better first run is confirmed before anything is decided
+        (MIN, [0.999], (1.0, 1.0, 1.0), RunAgain),
+        (MIN, [0.95], (1.0, 1.0, 1.0), RunAgain),  # even a large gain: never one draw
+        (MAX, [1.05], (1.0, 1.0, 1.0), RunAgain),
+        (MIN, [0.99, 1.0], (1.0, 1.0, 1.0), RunAgain),
+        # n = 3 against n = 3: the gain must exceed 2 * 0.01 * sqrt(2/3) = 0.01633
+        (MIN, [0.98, 0.985, 0.985], (1.0, 1.0, 1.0), True),  # gain 0.01667
+        (MIN, [0.99, 0.98, 0.99], (1.0, 1.0, 1.0), False),  # gain 0.01333: noise explains it
+        (MAX, [1.02, 1.015, 1.015], (1.0, 1.0, 1.0), True),
+        (MAX, [1.01, 1.02, 1.01], (1.0, 1.0, 1.0), False),
+        # the best is a mean, not its luckiest draw
+        (MIN, [0.975, 0.975, 0.975], (0.95, 1.025, 1.025), True),
+        # min_improvement is a second floor
+        (Objective("minimize", 0.03), [0.98, 0.975, 0.975], (1.0, 1.0, 1.0), False),
+        (Objective("minimize", 0.03), [0.96, 0.965, 0.965], (1.0, 1.0, 1.0), True),
+        (Objective("minimize", 0.03), [0.975], (1.0, 1.0, 1.0), False),  # screened by the floor
+    ],
+)
+def test_the_noise_aware_rule(
+    objective: Objective, values: list[float], best: tuple[float, ...], expected: object
+) -> None:
+    trial = _judged([_run("success", v) for v in values], 1.0)
+    result = judge(objective, AWARE, trial, _best(*best), SIGMA)
+    if expected is RunAgain:
+        assert isinstance(result, RunAgain)
+        return
+    assert isinstance(result, Verdict) and result.kept is expected, result
+    if len(values) == 3:
+        assert "sigma=0.010000" in result.reason and "(n=3)" in result.reason
+
+
+@pytest.mark.parametrize(("z", "kept"), [(1.0, True), (2.0, False), (3.0, False)])
+def test_z_sets_how_sure_a_keep_must_be(z: float, kept: bool) -> None:
+    trial = _judged([_run("success", v) for v in (0.99, 0.985, 0.99)], 1.0)  # gain 0.01167
+    result = judge(MIN, NoisePolicy(z=z), trial, _best(1.0, 1.0, 1.0), SIGMA)
+    assert isinstance(result, Verdict) and result.kept is kept
+
+
+def test_no_confirmation_runs_decide_on_one_run_with_the_noise_margin() -> None:
+    policy = NoisePolicy(confirm_runs=0)
+    best = _best(1.0, 1.0, 1.0)
+    # 2 * 0.01 * sqrt(1 + 1/3) = 0.02309
+    keep = judge(MIN, policy, _judged([_run("success", 0.97)], 1.0), best, SIGMA)
+    revert = judge(MIN, policy, _judged([_run("success", 0.98)], 1.0), best, SIGMA)
+    assert isinstance(keep, Verdict) and keep.kept
+    assert isinstance(revert, Verdict) and not revert.kept
+
+
+@pytest.mark.parametrize(
+    ("groups", "floor", "sigma"),
+    [
+        ([[1.0, 1.02], [0.5, 0.52, 0.54]], 0.0, math.sqrt((0.0002 + 0.0008) / 3)),
+        ([[1.0], [2.0]], 0.005, 0.005),  # no repeated runs: the floor
+        ([[1.0, 1.0, 1.0]], 0.001, 0.001),  # identical draws: the floor
+    ],
+)
+def test_sigma_is_pooled_over_repeated_runs_with_a_floor(
+    groups: list[list[float]], floor: float, sigma: float
+) -> None:
+    trials = [
+        TrialView(
+            i,
+            "success",
+            i == 1,
+            f"c{i}",
+            runs=tuple(RunView(j, "success", v) for j, v in enumerate(g, 1)),
+        )
+        for i, g in enumerate(groups, start=1)
+    ]
+    assert pooled_sigma(trials, floor).sigma == pytest.approx(sigma)
+
+
+@pytest.mark.parametrize(
+    ("freedom", "margin"),
+    [(0, 2.0), (2, 4.02), (4, 2.81), (20, 2.13), (1000, 2.0)],  # Student's t at 97.7%
+)
+def test_few_degrees_of_freedom_widen_the_margin_as_t_does(freedom: int, margin: float) -> None:
+    assert Spread(0.01, freedom).margin(2.0) == pytest.approx(margin, abs=0.01)
+
+
+def test_an_underestimated_sigma_early_on_keeps_nothing_noise_explains() -> None:
+    # The baseline's 3 runs (2 df) happened to agree: with z = 2 taken as known, a gain
+    # of 2.4 sigma-hat would be kept; as t with 3 df (baseline and candidate), it is not.
+    trial = _judged([_run("success", v) for v in (0.996, 0.996, 0.996)], 1.0)
+    best = _best(1.0, 1.0, 1.0)
+    assert judge(MIN, AWARE, trial, best, Spread(0.002)).kept  # type: ignore[union-attr]
+    result = judge(MIN, AWARE, trial, best, Spread(0.002, 3))
+    assert isinstance(result, Verdict) and not result.kept
+    assert "as t with 3 df" in result.reason
+
+
+def _curve(*losses: float) -> list[CurvePoint]:
+    return [CurvePoint(0.1 * (i + 1), loss) for i, loss in enumerate(losses)]
+
+
+BEST_CURVES = [_curve(5.0, 4.0, 3.5, 3.2, 3.0), _curve(5.2, 4.2, 3.7, 3.4, 3.2)]  # mean 3.1 at 50%
+BASELINE_CURVES = [_curve(5.5, 4.5, 3.9, 3.6, 3.4), _curve(5.3, 4.3, 3.8, 3.5, 3.3)]  # spread 0.1
+
+
+@pytest.mark.parametrize(
+    ("curve", "pruned"),
+    [
+        (_curve(9.0, 9.0), False),  # within the grace share (30%): never pruned
+        (_curve(5.0, 4.0, 3.6, 3.3, 3.19), False),  # within the best's spread
+        (_curve(5.0, 4.0, 3.6, 3.3, 3.21), True),  # above the best by more than the spread
+        (_curve(5.0, 4.0, 3.69), False),  # at 30%: the best's 3.6 plus the spread 0.1
+        (_curve(5.0, 4.0, 3.71), True),
+    ],
+)
+def test_a_run_whose_loss_trails_the_best_by_more_than_the_baseline_spread_is_pruned(
+    curve: list[CurvePoint], pruned: bool
+) -> None:
+    reason = prune_reason(AWARE, curve, BEST_CURVES, BASELINE_CURVES)
+    assert (reason is not None) is pruned, reason
+    if reason is not None:
+        assert "of the budget" in reason
+
+
+def test_no_pruning_when_off_or_without_a_baseline_spread() -> None:
+    late = _curve(9.0, 9.0, 9.0, 9.0, 9.0)
+    assert prune_reason(AWARE, late, BEST_CURVES, BASELINE_CURVES) is not None
+    assert prune_reason(NoisePolicy(prune=False), late, BEST_CURVES, BASELINE_CURVES) is None
+    assert prune_reason(OFF, late, BEST_CURVES, BASELINE_CURVES) is None
+    assert prune_reason(AWARE, late, BEST_CURVES, BASELINE_CURVES[:1]) is None
 
 
 def _trial(
@@ -79,23 +270,25 @@ def _trial(
     kept: bool | None = None,
     baseline: bool = False,
 ) -> TrialView:
-    return TrialView(number, status, baseline, f"c{number}", metric, kept)
+    # A running trial has a run going, unless a test says otherwise.
+    runs = (RunView(1, "running"),) if status == "running" else ()
+    return TrialView(number, status, baseline, f"c{number}", metric, kept, runs)
 
 
 def test_baseline_first() -> None:
-    assert next_action([], Limits(), MIN, 0.0) == StartBaseline(number=1)
+    assert next_action([], CampaignLimits(), MIN, 0.0) == StartBaseline(number=1)
 
 
 def test_baseline_is_redone_after_it_was_killed() -> None:
     trials = [_trial(1, "killed", baseline=True, kept=False)]
-    assert next_action(trials, Limits(), MIN, 0.0) == StartBaseline(number=2)
+    assert next_action(trials, CampaignLimits(), MIN, 0.0) == StartBaseline(number=2)
 
 
 def test_failed_baseline_stops_the_campaign() -> None:
     trials = [_trial(1, "crash", baseline=True, kept=False)]
-    action = next_action(trials, Limits(), MIN, 0.0)
+    action = next_action(trials, CampaignLimits(), MIN, 0.0)
     assert isinstance(action, Stop)
-    assert action.reason is StopReason.BASELINE_FAILED
+    assert action.reason is EndReason.BASELINE_FAILED
     assert "crash" in action.message
 
 
@@ -114,7 +307,7 @@ def test_proposals_branch_from_the_best_kept_trial(
         _trial(i + 1, "success", m, k, baseline=i == 0)
         for i, (m, k) in enumerate(zip(metrics, kept, strict=True))
     ]
-    action = next_action(trials, Limits(), objective, 0.0)
+    action = next_action(trials, CampaignLimits(), objective, 0.0)
     assert action == Propose(parent_commit=parent, number=len(trials) + 1)
     best = best_kept(trials, objective)
     assert best is not None and best.commit == parent
@@ -132,36 +325,36 @@ def _baseline_then(*statuses: str) -> list[TrialView]:
     [
         (
             _baseline_then("success", "success"),
-            Limits(max_trials=3),
+            CampaignLimits(max_trials=3),
             0.0,
             None,
-            StopReason.MAX_TRIALS,
+            EndReason.MAX_TRIALS,
         ),
-        (_baseline_then(), Limits(budget_seconds=60), 60.0, None, StopReason.BUDGET_SPENT),
+        (_baseline_then(), CampaignLimits(budget_seconds=60), 60.0, None, EndReason.BUDGET_SPENT),
         (
             _baseline_then("crash", "timeout", "crash"),
-            Limits(max_consecutive_failures=3),
+            CampaignLimits(max_consecutive_failures=3),
             0.0,
             None,
-            StopReason.CONSECUTIVE_FAILURES,
+            EndReason.CONSECUTIVE_FAILURES,
         ),
         (
             # A skipped proposal makes no progress: it extends a failure streak.
             _baseline_then("crash", "skipped", "skipped"),
-            Limits(max_consecutive_failures=3),
+            CampaignLimits(max_consecutive_failures=3),
             0.0,
             None,
-            StopReason.CONSECUTIVE_FAILURES,
+            EndReason.CONSECUTIVE_FAILURES,
         ),
-        (_baseline_then(), Limits(), 0.0, "nothing left", StopReason.STRATEGY_EXHAUSTED),
+        (_baseline_then(), CampaignLimits(), 0.0, "nothing left", EndReason.STRATEGY_EXHAUSTED),
     ],
 )
 def test_stop_reasons(
     trials: list[TrialView],
-    limits: Limits,
+    limits: CampaignLimits,
     elapsed: float,
     exhausted: str | None,
-    reason: StopReason,
+    reason: EndReason,
 ) -> None:
     action = next_action(trials, limits, MIN, elapsed, exhausted)
     assert isinstance(action, Stop)
@@ -173,7 +366,7 @@ def test_stop_reasons(
 
 def test_a_success_ends_a_streak_of_skipped_proposals() -> None:
     trials = _baseline_then("skipped", "skipped", "success", "skipped")
-    action = next_action(trials, Limits(max_consecutive_failures=2), MIN, 0.0)
+    action = next_action(trials, CampaignLimits(max_consecutive_failures=2), MIN, 0.0)
     assert isinstance(action, Propose)
 
 
@@ -181,18 +374,20 @@ def test_a_success_ends_a_streak_of_skipped_proposals() -> None:
     ("trials", "limits", "elapsed"),
     [
         # killed trials were interrupted: they count toward neither limit
-        (_baseline_then("success", "killed"), Limits(max_trials=3), 0.0),
+        (_baseline_then("success", "killed"), CampaignLimits(max_trials=3), 0.0),
         # a success breaks a failure streak
         (
             _baseline_then("crash", "crash", "success", "crash"),
-            Limits(max_consecutive_failures=3),
+            CampaignLimits(max_consecutive_failures=3),
             0.0,
         ),
-        (_baseline_then("crash", "crash"), Limits(max_consecutive_failures=3), 0.0),
-        (_baseline_then(), Limits(budget_seconds=60), 59.9),
+        (_baseline_then("crash", "crash"), CampaignLimits(max_consecutive_failures=3), 0.0),
+        (_baseline_then(), CampaignLimits(budget_seconds=60), 59.9),
     ],
 )
-def test_goes_on_below_the_limits(trials: list[TrialView], limits: Limits, elapsed: float) -> None:
+def test_goes_on_below_the_limits(
+    trials: list[TrialView], limits: CampaignLimits, elapsed: float
+) -> None:
     action = next_action(trials, limits, MIN, elapsed)
     assert isinstance(action, Propose)
     assert action.number == trials[-1].number + 1
@@ -204,39 +399,61 @@ def test_goes_on_below_the_limits(trials: list[TrialView], limits: Limits, elaps
 
 def test_plan_fills_the_free_slots_from_the_best_kept_trial() -> None:
     trials = [*_baseline_then("success"), _trial(3, "running")]
-    actions = plan(trials, Limits(), MIN, 0.0, parallelism=3)
+    actions = plan(trials, CampaignLimits(), MIN, 0.0, parallelism=3)
     assert actions == [Propose("c1", 4), Propose("c1", 5)]
 
 
 def test_plan_runs_the_baseline_alone() -> None:
-    assert plan([], Limits(), MIN, 0.0, parallelism=4) == [StartBaseline(1)]
+    assert plan([], CampaignLimits(), MIN, 0.0, parallelism=4) == [StartBaseline(1)]
     running = [_trial(1, "running", baseline=True)]
-    assert plan(running, Limits(), MIN, 0.0, parallelism=4) == []
+    assert plan(running, CampaignLimits(), MIN, 0.0, parallelism=4) == []
 
 
 def test_plan_counts_running_trials_toward_max_trials() -> None:
     trials = [*_baseline_then("success"), _trial(3, "running")]
-    assert plan(trials, Limits(max_trials=4), MIN, 0.0, parallelism=3) == [Propose("c1", 4)]
+    assert plan(trials, CampaignLimits(max_trials=4), MIN, 0.0, parallelism=3) == [Propose("c1", 4)]
     # the limit is reached: wait for the running trial, then stop
-    assert plan(trials, Limits(max_trials=3), MIN, 0.0, parallelism=3) == []
+    assert plan(trials, CampaignLimits(max_trials=3), MIN, 0.0, parallelism=3) == []
     done = [*_baseline_then("success", "success")]
-    stop = plan(done, Limits(max_trials=3), MIN, 0.0, parallelism=3)
-    assert isinstance(stop, Stop) and stop.reason is StopReason.MAX_TRIALS
+    stop = plan(done, CampaignLimits(max_trials=3), MIN, 0.0, parallelism=3)
+    assert isinstance(stop, Stop) and stop.reason is EndReason.MAX_TRIALS
 
 
 @pytest.mark.parametrize(
     ("limits", "elapsed", "exhausted"),
     [
-        (Limits(budget_seconds=60), 61.0, None),
-        (Limits(max_consecutive_failures=2), 0.0, None),
-        (Limits(), 0.0, "nothing left"),
+        (CampaignLimits(budget_seconds=60), 61.0, None),
+        (CampaignLimits(max_consecutive_failures=2), 0.0, None),
+        (CampaignLimits(), 0.0, "nothing left"),
     ],
 )
 def test_plan_waits_for_running_trials_before_it_stops(
-    limits: Limits, elapsed: float, exhausted: str | None
+    limits: CampaignLimits, elapsed: float, exhausted: str | None
 ) -> None:
     trials = [*_baseline_then("crash", "crash"), _trial(4, "running")]
     assert plan(trials, limits, MIN, elapsed, parallelism=2, strategy_exhausted=exhausted) == []
     finished = [*trials[:-1], _trial(4, "crash")]
     stop = plan(finished, limits, MIN, elapsed, parallelism=2, strategy_exhausted=exhausted)
     assert isinstance(stop, Stop)
+
+
+def _between_runs(number: int, baseline: bool = False) -> TrialView:
+    return TrialView(number, "running", baseline, f"c{number}", runs=(RunView(1, "success", 1.0),))
+
+
+def test_an_undecided_trial_with_no_run_going_gets_its_next_run_first() -> None:
+    trials = [*_baseline_then("success"), _between_runs(3)]
+    assert plan(trials, CampaignLimits(), MIN, 0.0, parallelism=2) == [NextRun(3), Propose("c1", 4)]
+    assert next_action(trials, CampaignLimits(), MIN, 0.0) == NextRun(3)
+
+
+def test_the_baseline_between_its_runs_runs_alone() -> None:
+    assert plan([_between_runs(1, baseline=True)], CampaignLimits(), MIN, 0.0, parallelism=4) == [
+        NextRun(1)
+    ]
+
+
+def test_a_campaign_at_its_limits_still_finishes_its_undecided_trials() -> None:
+    trials = [*_baseline_then("success"), _between_runs(3)]
+    assert plan(trials, CampaignLimits(max_trials=3), MIN, 0.0) == [NextRun(3)]
+    assert plan(trials, CampaignLimits(budget_seconds=1), MIN, 5.0) == [NextRun(3)]

@@ -24,6 +24,8 @@ def _trial(
     peak_vram_mb: float | None = None,
     description: str = "",
     duration_seconds: float | None = 300.0,
+    sd: float | None = None,
+    runs: int = 1,
 ) -> TrialRecord:
     return TrialRecord(
         id=100 + number,
@@ -42,6 +44,8 @@ def _trial(
         decision_reason="",
         metric_name=None if status == "running" else "val_bpb",
         metric=metric,
+        metric_sd=sd,
+        run_count=0 if status in ("running", "killed") else runs,
         metrics={},
         peak_vram_mb=peak_vram_mb,
         exit_code=None,
@@ -58,7 +62,7 @@ def _trial(
 # A mixed history, out of order as a caller might pass it.
 HISTORY = [
     _trial(6, "success", True, 0.9932, 46080.0, "raise LR\tto 0.04\nand warm up longer"),
-    _trial(1, "success", True, 0.9979, 45060.2, "baseline"),
+    _trial(1, "success", True, 0.9979, 45060.2, "baseline", sd=0.0041, runs=3),
     _trial(2, "success", False, 1.005, 45100.0, "deeper model"),
     _trial(3, "crash", False, None, None, "wider MLP"),
     _trial(4, "timeout", False, None, 44000.0, "bigger batch"),
@@ -110,6 +114,8 @@ def test_table_shows_each_decision_aligned() -> None:
         "#",
         "commit",
         "val_bpb",
+        "sd",
+        "runs",
         "memory_gb",
         "status",
         "decision",
@@ -117,7 +123,7 @@ def test_table_shows_each_decision_aligned() -> None:
         "description",
     ]
     cells = [row.split() for row in rows]
-    assert [(cell[0], cell[4], cell[5]) for cell in cells] == [
+    assert [(cell[0], cell[6], cell[7]) for cell in cells] == [
         ("1", "success", "kept"),
         ("2", "success", "reverted"),
         ("3", "crash", "reverted"),
@@ -126,8 +132,9 @@ def test_table_shows_each_decision_aligned() -> None:
         ("6", "success", "kept"),
         ("7", "running", "—"),
     ]
-    assert cells[0][1:4] == ["1abcdef", "0.997900", "44.0"]
-    assert cells[2][2:4] == ["—", "—"]  # a crash has neither metric nor memory
+    assert cells[0][1:6] == ["1abcdef", "0.997900", "0.004100", "3", "44.0"]
+    assert cells[1][2:6] == ["1.005000", "—", "1", "44.0"]  # one run: no spread
+    assert cells[2][2:6] == ["—", "—", "1", "—"]  # a crash has neither metric nor memory
     assert rows[5].endswith("raise LR to 0.04 and warm up longer")
     # Every description starts in the same column as its heading.
     column = header.index("description")

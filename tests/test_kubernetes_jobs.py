@@ -28,7 +28,7 @@ NO_CACHE = CompileCache()
 
 def _launch(**changes: Any) -> TrialLaunch:
     fields: dict[str, Any] = dict(
-        name="c-0001",
+        trial="c-0001",
         repo="http://skylab-operator.skylab.svc:8080/git/c.git",
         commit=COMMIT,
         command="python train.py",
@@ -59,7 +59,11 @@ def test_single_gpu_job_follows_the_contract() -> None:
     planned = _job({"gpusPerNode": 1})
     job = planned.job
     assert planned.service is None
-    assert job["metadata"]["labels"] == {"skylab.dev/campaign": "c", "skylab.dev/trial": "c-0001"}
+    assert job["metadata"]["labels"] == {
+        "skylab.dev/campaign": "c",
+        "skylab.dev/trial": "c-0001",
+        "skylab.dev/run": "1",
+    }
     assert job["metadata"]["ownerReferences"] == [OWNER]
     spec = job["spec"]
     assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 900
@@ -127,8 +131,20 @@ def test_two_nodes_get_an_indexed_job_a_headless_service_and_pet_env() -> None:
     assert service["metadata"]["name"] == "c-0001"
     assert service["metadata"]["ownerReferences"] == [OWNER]
     assert service["spec"]["clusterIP"] == "None"
-    assert service["spec"]["selector"] == {"skylab.dev/trial": "c-0001"}
+    assert service["spec"]["selector"] == {"skylab.dev/trial": "c-0001", "skylab.dev/run": "1"}
     assert service["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_a_confirmation_run_is_a_job_of_its_own_with_its_seed() -> None:
+    manifests = _job({"nodes": 2}, run=3, env={"SKYLAB_SEED": "44"})
+    job, service = manifests.job, manifests.service
+    assert service is not None
+    assert job["metadata"]["name"] == service["metadata"]["name"] == "c-0001-r3"
+    pod = job["spec"]["template"]
+    assert pod["metadata"]["labels"]["skylab.dev/trial"] == "c-0001"  # the trial's, per run
+    assert pod["metadata"]["labels"]["skylab.dev/run"] == "3"
+    assert service["spec"]["selector"] == {"skylab.dev/trial": "c-0001", "skylab.dev/run": "3"}
+    assert _env(pod["spec"]["containers"][0])["SKYLAB_SEED"] == "44"
 
 
 def test_kueue_queue_labels_the_job_and_creates_it_suspended() -> None:

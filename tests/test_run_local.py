@@ -135,7 +135,7 @@ def _as_in_a_terminal() -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_kills_the_trial_and_resume_goes_on(
+def test_interrupt_kills_the_run_and_resume_finishes_its_trial(
     tmp_path: Path, database_url: str, signum: int
 ) -> None:
     experiment = write_toy_experiment(tmp_path / "toy", GRID)
@@ -172,21 +172,33 @@ def test_interrupt_kills_the_trial_and_resume_goes_on(
     # killed already; the kernel may take a moment to finish them on a loaded machine
     psutil.wait_procs(victims, timeout=15)
     assert not any(_alive(p) for p in victims)
+    # the run is killed; its trial, undecided, waits for another run
     assert _trials(database_url, "stop") == [
         (1, "success", True, "baseline"),
-        (2, "killed", False, "LR=0.5"),
+        (2, "running", None, "LR=0.5"),
     ]
+    assert _runs(database_url, "stop", 2) == [(1, "killed")]
     with Store.connect(database_url) as store:
         campaign = store.get_campaign("stop")
         assert campaign is not None and campaign.status == "interrupted"
 
-    # the interrupted point is tried again; killed trials do not count as trials run
+    # the trial goes on with a new run of the same commit; the killed one does not count
     result = skylab(*args[:-2], "--resume")
     assert result.returncode == 0, result.stderr
-    assert _trials(database_url, "stop")[2:] == [
-        (3, "success", False, "LR=0.5"),
-        (4, "success", True, "LR=0.25"),
+    assert _trials(database_url, "stop")[1:] == [
+        (2, "success", False, "LR=0.5"),
+        (3, "success", True, "LR=0.25"),
     ]
+    assert _runs(database_url, "stop", 2) == [(1, "killed"), (2, "success")]
+
+
+def _runs(url: str, tag: str, number: int) -> list[tuple[int, str]]:
+    with Store.connect(url) as store:
+        campaign = store.get_campaign(tag)
+        assert campaign is not None
+        trial = store.get_trial(campaign.id, number)
+        assert trial is not None
+        return [(run.number, run.status) for run in trial.runs]
 
 
 def _trials_or_none(url: str, tag: str) -> list[tuple[int, str, bool | None, str]]:

@@ -13,10 +13,12 @@ import psutil
 import psycopg
 import pytest
 
+from skylab.engine import Verdict
 from skylab.errors import UserError
 from skylab.store import (
     CampaignExistsError,
     CampaignRecord,
+    RunNotRunningError,
     Store,
     TrialNotRunningError,
     open_database,
@@ -54,8 +56,21 @@ def _report(status: RunStatus = RunStatus.SUCCESS, metric: float | None = 1.0) -
     return RunReport(status=status, metric_name="val_bpb", metric=metric)
 
 
+def _runs(store: Store, trial_id: int, *reports: RunReport) -> None:
+    """Run the trial once for each report."""
+    for number, report in enumerate(reports, start=1):
+        store.start_run(trial_id, number, seed=41 + number)
+        store.finish_run(trial_id, number, report)
+
+
+def _verdict(kept: bool, reason: str = "", status: str = "success") -> Verdict:
+    return Verdict(kept, reason, status)
+
+
 def _finish(store: Store, campaign_id: int, number: int, metric: float, kept: bool) -> None:
-    store.finish_trial(_start(store, campaign_id, number), _report(metric=metric), kept, "")
+    trial_id = _start(store, campaign_id, number)
+    _runs(store, trial_id, _report(metric=metric))
+    store.finish_trial(trial_id, _verdict(kept), "val_bpb")
 
 
 # Migrations
@@ -81,6 +96,51 @@ def test_migrations_apply_once(database_url: str) -> None:
         (migration.version, migration.name) for migration in available()
     ]
     assert available()[0].name == "initial"
+
+
+def test_trials_recorded_before_runs_existed_become_their_run_one(database_url: str) -> None:
+    before_runs = [m for m in available() if m.version < 3]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for migration in before_runs:
+            conn.execute(migration.sql.encode())
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                (migration.version, migration.name),
+            )
+        conn.execute(
+            "INSERT INTO campaigns (name, experiment, strategy, branch)"
+            " VALUES ('old', 'x', 's', 'b')"
+        )
+        for number, status, kept, metric in [
+            (1, "success", True, 1.0),
+            (2, "crash", False, None),
+            (3, "skipped", False, None),
+            (4, "running", None, None),
+        ]:
+            finished = "NULL" if status == "running" else "now()"
+            conn.execute(
+                "INSERT INTO trials (campaign_id, number, is_baseline, commit, strategy,"
+                f" description, status, kept, metric, exit_code, finished_at) SELECT id, %s,"
+                f" %s = 1, 'c', 's', 'd', %s, %s, %s, 3, {finished} FROM campaigns",
+                (number, number, status, kept, metric),
+            )
+    with Store.connect(database_url) as store:  # migrates the rest
+        campaign = store.get_campaign("old")
+        assert campaign is not None
+        trials = store.trials(campaign.id)
+    assert [[(r.number, r.status, r.metric, r.exit_code) for r in t.runs] for t in trials] == [
+        [(1, "success", 1.0, 3)],
+        [(1, "crash", None, 3)],
+        [],  # a skipped proposal never ran
+        [(1, "running", None, 3)],
+    ]
+    assert [t.run_count for t in trials] == [1, 1, 0, 0]
+    with psycopg.connect(database_url) as conn:
+        assert migrate(conn) == []  # and applied once
 
 
 def test_concurrent_migrations_apply_each_file_once(database_url: str) -> None:
@@ -249,38 +309,58 @@ def test_a_trial_round_trips_every_field(store: Store, database_url: str) -> Non
     assert (started.decision_reason, started.message, started.log_tail) == ("", "", "")
     assert started.metrics == {} and started.peak_vram_mb is None
     assert started.exit_code is None and started.duration_seconds is None
+    assert (started.runs, started.run_count, started.metric_sd) == ((), 0, None)
 
-    report = RunReport(
-        status=RunStatus.SUCCESS,
-        metric_name="val_bpb",
-        metric=0.9979,
-        metrics={"val_bpb": 0.9979, "peak_vram_mb": 45060.2, "mfu": 39.7},
-        exit_code=0,
-        duration_seconds=302.5,
-        message="done",
-        log_tail="step 00953 | loss 3.2\nval_bpb: 0.997900\n",
-    )
-    finished = store.finish_trial(started.id, report, True, "improved 1.0 -> 0.9979")
+    def report(metric: float, vram: float, seconds: float) -> RunReport:
+        return RunReport(
+            status=RunStatus.SUCCESS,
+            metric_name="val_bpb",
+            metric=metric,
+            metrics={"val_bpb": metric, "peak_vram_mb": vram, "mfu": 39.7},
+            exit_code=0,
+            duration_seconds=seconds,
+            message="done",
+            log_tail=f"val_bpb: {metric:.6f}\n",
+        )
+
+    _runs(store, started.id, report(0.99, 45060.2, 302.5), report(0.98, 45100.0, 301.0))
+    interrupted = store.start_run(started.id, 3, seed=44)
+    assert store.mark_running_runs_killed(campaign.id, "skylab stopped") == [(2, 3)]
+    _ = interrupted
+    store.start_run(started.id, 4, seed=44)
+    store.finish_run(started.id, 4, report(0.97, 45000.0, 300.0))
+    finished = store.finish_trial(started.id, _verdict(True, "kept: 0.98 ± 0.01 (n=3)"), "val_bpb")
 
     assert finished == replace(
         started,
         status="success",
         kept=True,
-        decision_reason="improved 1.0 -> 0.9979",
+        decision_reason="kept: 0.98 ± 0.01 (n=3)",
         metric_name="val_bpb",
-        metric=0.9979,
-        metrics={"val_bpb": 0.9979, "peak_vram_mb": 45060.2, "mfu": 39.7},
-        peak_vram_mb=45060.2,
+        metric=pytest.approx(0.98),
+        metric_sd=pytest.approx(0.01),
+        run_count=3,  # the interrupted run is not counted
+        metrics={"val_bpb": 0.97, "peak_vram_mb": 45000.0, "mfu": 39.7},  # the last run's
+        peak_vram_mb=45100.0,  # the most any run used
         exit_code=0,
-        duration_seconds=302.5,
+        duration_seconds=pytest.approx(903.5),
         message="done",
-        log_tail="step 00953 | loss 3.2\nval_bpb: 0.997900\n",
+        log_tail="val_bpb: 0.970000\n",
         finished_at=finished.finished_at,
+        runs=finished.runs,
     )
+    assert [(r.number, r.seed, r.status, r.metric) for r in finished.runs] == [
+        (1, 42, "success", 0.99),
+        (2, 43, "success", 0.98),
+        (3, 44, "killed", None),
+        (4, 44, "success", 0.97),
+    ]
+    assert finished.runs[2].message == "skylab stopped" and finished.runs[2].finished_at
     assert finished.finished_at is not None and finished.finished_at >= finished.started_at
     # Committed: a second connection reads the same record.
     with Store.connect(database_url) as other:
         assert other.trials(campaign.id) == [finished]
+        assert other.get_trial(campaign.id, 2) == finished
 
 
 def test_non_finite_values_are_not_stored(store: Store) -> None:
@@ -292,30 +372,52 @@ def test_non_finite_values_are_not_stored(store: Store) -> None:
         metric=float("nan"),
         metrics={"val_bpb": float("nan"), "peak_vram_mb": 100.0},
     )
+    _runs(store, trial_id, report)
 
-    finished = store.finish_trial(trial_id, report, False, "crash: never kept")
+    finished = store.finish_trial(trial_id, _verdict(False, "crash", "crash"), "val_bpb")
 
-    assert finished.metric is None
+    assert finished.metric is None and finished.runs[0].metric is None
     assert finished.metrics == {"peak_vram_mb": 100.0}
 
 
-def test_a_trial_is_finished_once(store: Store) -> None:
+def test_a_trial_and_each_run_are_finished_once(store: Store) -> None:
     campaign = _campaign(store)
     trial_id = _start(store, campaign.id, 1)
-    first = store.finish_trial(trial_id, _report(metric=1.0), True, "baseline")
+    _runs(store, trial_id, _report(metric=1.0))
+    with pytest.raises(RunNotRunningError, match="run 1 already finished as success"):
+        store.finish_run(trial_id, 1, _report(RunStatus.CRASH, None))
+    assert store.start_run(trial_id, 1, seed=7).seed == 42  # recorded already: that one
+    first = store.finish_trial(trial_id, _verdict(True, "baseline"), "val_bpb")
 
     with pytest.raises(TrialNotRunningError, match="#1 already finished as success"):
-        store.finish_trial(trial_id, _report(RunStatus.CRASH, None), False, "again")
+        store.finish_trial(trial_id, _verdict(False, "again", "crash"), "val_bpb")
     assert store.trials(campaign.id) == [first]
 
     with pytest.raises(LookupError):
-        store.finish_trial(trial_id + 100, _report(), False, "")
+        store.finish_trial(trial_id + 100, _verdict(False), "val_bpb")
+    with pytest.raises(LookupError):
+        store.finish_run(trial_id, 9, _report())
+
+
+def test_a_pruned_run_keeps_why_and_no_metric(store: Store) -> None:
+    campaign = _campaign(store)
+    trial_id = _start(store, campaign.id, 2)
+    store.start_run(trial_id, 1, seed=42)
+    run = store.finish_run(
+        trial_id, 1, _report(RunStatus.KILLED, None), pruned="loss 4.1 above the best's 3.9"
+    )
+    assert (run.status, run.metric, run.message) == (
+        "pruned",
+        None,
+        "loss 4.1 above the best's 3.9",
+    )
+    trial = store.finish_trial(trial_id, _verdict(False, "run 1 pruned", "pruned"), "val_bpb")
+    assert (trial.status, trial.kept, trial.metric, trial.run_count) == ("pruned", False, None, 1)
 
 
 def test_a_failed_finish_leaves_the_trial_untouched(store: Store) -> None:
     campaign = _campaign(store)
     trial_id = _start(store, campaign.id, 1)
-    [running] = store.trials(campaign.id)
     # It printed its metric, then hung until it was killed.
     timed_out = RunReport(
         status=RunStatus.TIMEOUT,
@@ -325,17 +427,19 @@ def test_a_failed_finish_leaves_the_trial_untouched(store: Store) -> None:
         message="outlived its wall time",
         log_tail="val_bpb: 0.990000",
     )
+    _runs(store, trial_id, timed_out)
+    [running] = store.trials(campaign.id)
 
     # Only a success can be kept: the database refuses, and writes nothing.
-    with pytest.raises(psycopg.errors.CheckViolation, match="only_successes_are_kept"):
-        store.finish_trial(trial_id, timed_out, True, "wrongly kept")
+    with pytest.raises(psycopg.errors.CheckViolation, match=r"only_successes|have_a_metric"):
+        store.finish_trial(trial_id, _verdict(True, "wrongly kept", "timeout"), "val_bpb")
     assert store.trials(campaign.id) == [running]
 
-    finished = store.finish_trial(trial_id, timed_out, False, "timeout: never kept")
+    finished = store.finish_trial(trial_id, _verdict(False, "never kept", "timeout"), "val_bpb")
     assert (finished.status, finished.kept, finished.metric, finished.log_tail) == (
         "timeout",
         False,
-        0.99,
+        None,  # a failed trial has no mean
         "val_bpb: 0.990000",
     )
 
@@ -343,9 +447,10 @@ def test_a_failed_finish_leaves_the_trial_untouched(store: Store) -> None:
 def test_a_kept_trial_needs_a_metric(store: Store) -> None:
     campaign = _campaign(store)
     trial_id = _start(store, campaign.id, 1)
+    _runs(store, trial_id, _report(metric=float("inf")))
 
     with pytest.raises(psycopg.errors.CheckViolation, match="kept_trials_have_a_metric"):
-        store.finish_trial(trial_id, _report(metric=float("inf")), True, "baseline")
+        store.finish_trial(trial_id, _verdict(True, "baseline"), "val_bpb")
     assert store.trials(campaign.id)[0].status == "running"
 
 
@@ -384,6 +489,16 @@ def test_running_trials_are_marked_killed(store: Store) -> None:
     assert store.mark_running_trials_killed(campaign.id, "again") == []
 
 
+def test_a_killed_trials_running_run_is_killed_with_it(store: Store) -> None:
+    campaign = _campaign(store)
+    trial_id = _start(store, campaign.id, 1)
+    _runs(store, trial_id, _report(metric=1.0))
+    store.start_run(trial_id, 2, seed=43)
+    assert store.mark_running_trials_killed(campaign.id, "the Campaign was deleted") == [1]
+    [trial] = store.trials(campaign.id)
+    assert [(run.number, run.status) for run in trial.runs] == [(1, "success"), (2, "killed")]
+
+
 def test_best_trial_follows_the_direction(store: Store) -> None:
     campaign = _campaign(store)
     assert store.best_trial(campaign.id, "minimize") is None
@@ -401,32 +516,34 @@ def test_best_trial_follows_the_direction(store: Store) -> None:
 # Progress
 
 
-def test_progress_is_upserted_by_step(store: Store) -> None:
+def test_progress_is_upserted_by_step_for_each_run(store: Store) -> None:
     campaign = _campaign(store)
     trial_id = _start(store, campaign.id, 1)
     other_id = _start(store, campaign.id, 2)
 
-    store.add_progress(trial_id, [Progress(2, 4.0, 1e6, 2.0, 290.0), Progress(1, 5.0)])
-    store.add_progress(trial_id, [Progress(2, 3.5, 1.1e6, 2.5, 288.0), Progress(3, 3.0)])
-    store.add_progress(other_id, [Progress(1, 9.0)])
-    store.add_progress(other_id, [])
+    store.add_progress(trial_id, 1, [Progress(2, 4.0, 1e6, 2.0, 290.0), Progress(1, 5.0)])
+    store.add_progress(trial_id, 1, [Progress(2, 3.5, 1.1e6, 2.5, 288.0), Progress(3, 3.0)])
+    store.add_progress(trial_id, 2, [Progress(1, 6.0)])
+    store.add_progress(other_id, 1, [Progress(1, 9.0)])
+    store.add_progress(other_id, 1, [])
 
-    assert store.progress(trial_id) == [
+    assert store.progress(trial_id, 1) == [
         Progress(1, 5.0),
         Progress(2, 3.5, 1.1e6, 2.5, 288.0),
         Progress(3, 3.0),
     ]
+    assert store.progress(trial_id, 2) == [Progress(1, 6.0)]
     assert store.progress(other_id) == [Progress(1, 9.0)]
 
 
 def test_a_failed_progress_batch_stores_none_of_it(store: Store) -> None:
     campaign = _campaign(store)
     trial_id = _start(store, campaign.id, 1)
-    store.add_progress(trial_id, [Progress(1, 5.0)])
+    store.add_progress(trial_id, 1, [Progress(1, 5.0)])
 
     batch = [Progress(1, 4.0), Progress(2, 3.0), Progress(2**31, 2.0)]  # beyond integer
     with pytest.raises(psycopg.errors.NumericValueOutOfRange):
-        store.add_progress(trial_id, batch)
+        store.add_progress(trial_id, 1, batch)
 
     assert store.progress(trial_id) == [Progress(1, 5.0)]
 
@@ -434,7 +551,8 @@ def test_a_failed_progress_batch_stores_none_of_it(store: Store) -> None:
 def test_deleting_a_campaign_deletes_its_trials(store: Store, database_url: str) -> None:
     campaign = _campaign(store)
     trial_id = _start(store, campaign.id, 1)
-    store.add_progress(trial_id, [Progress(1, 5.0)])
+    _runs(store, trial_id, _report())
+    store.add_progress(trial_id, 1, [Progress(1, 5.0)])
 
     with psycopg.connect(database_url) as conn:
         conn.execute("DELETE FROM campaigns WHERE id = %s", (campaign.id,))

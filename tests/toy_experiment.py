@@ -35,7 +35,17 @@ if MODE != "nometric":
 '''
 
 
-def write_toy_experiment(root: Path, sweep: str, extra: str = "") -> Path:
+# One run per trial, greedy keeps: what most tests of the loop's mechanics want. Tests of
+# the noise-aware decisions pass their own [decision].
+SINGLE_RUN = """
+[decision]
+noise = "off"
+"""
+
+
+def write_toy_experiment(
+    root: Path, sweep: str, extra: str = "", decision: str = SINGLE_RUN
+) -> Path:
     """Write an experiment directory with the given [strategy.sweep] body."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "train.py").write_text(TRAIN_PY)
@@ -62,6 +72,7 @@ def write_toy_experiment(root: Path, sweep: str, extra: str = "") -> Path:
 
         [prepare]
         ready_marker = "READY"
+        {decision}
         {extra}
         [strategy.sweep]
         {sweep}

@@ -72,7 +72,7 @@ FINAL_LR_FRAC = 0.0  # learning-rate multiplier reached at the end of the budget
 GRAD_CLIP = 0.0  # max gradient norm of the AdamW parameters (0 = off)
 
 # Run
-SEED = 42  # torch RNG seed
+SEED = 42  # torch RNG seed; env SKYLAB_SEED overrides (each run of a trial has its own)
 DEVICE = "auto"  # auto picks cuda > mps > cpu; env SKYLAB_DEVICE overrides
 COMPILE = True  # torch.compile the model on CUDA (never on CPU/MPS)
 FLEX_ATTENTION = True  # compiled: sliding-window layers use FlexAttention, not a dense mask
@@ -567,7 +567,7 @@ def fail(message: str, ranks: Ranks | None = None) -> None:
 
 def main() -> None:
     ranks = Ranks.from_env()
-    torch.manual_seed(SEED)
+    torch.manual_seed(int(os.environ.get("SKYLAB_SEED", SEED)))
     device = pick_device(ranks)
     start_distributed(ranks, device)
     if device.type == "cuda":

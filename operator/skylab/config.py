@@ -8,6 +8,8 @@ The file follows this layout (every section but [experiment], [search] and
                   min_improvement
     [execution]   command, time_budget_seconds, env
     [constraints] max_vram_gb, max_trial_wall_time, max_consecutive_failures
+    [decision]    noise, baseline_runs, confirm_runs, z, sigma_floor, prune,
+                  prune_grace, first_seed
     [prepare]     command, args, ready_marker
     [strategy.sweep] / [strategy.llm]
     [profiles.NAME]   overrides of any table above, plus
@@ -25,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from skylab.constants import ConstantValue
+from skylab.engine import NoisePolicy
 from skylab.errors import UserError
 
 CONFIG_FILE = "experiment.toml"
@@ -129,6 +132,38 @@ class SweepSettings(_Section):
         return parameters
 
 
+class DecisionSection(_Section):
+    """How trials are decided: on several runs against the noise, or on one ("off")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    noise: Literal["aware", "off"] = "aware"
+    baseline_runs: int = Field(default=3, ge=1)
+    confirm_runs: int = Field(default=2, ge=0)
+    z: float = Field(default=2.0, gt=0)
+    sigma_floor: float = Field(default=0.001, ge=0)
+    prune: bool = True
+    prune_grace: float = Field(default=0.3, ge=0, le=1)
+    # Run k of every trial trains with seed first_seed + k - 1 (SKYLAB_SEED): trials are
+    # compared on the same seeds.
+    first_seed: int = Field(default=42, ge=0)
+
+    def policy(self) -> NoisePolicy:
+        return NoisePolicy(
+            aware=self.noise == "aware",
+            baseline_runs=self.baseline_runs,
+            confirm_runs=self.confirm_runs,
+            z=self.z,
+            sigma_floor=self.sigma_floor,
+            prune=self.prune,
+            prune_grace=self.prune_grace,
+        )
+
+    def seed(self, run_index: int) -> int:
+        """The seed of a trial's RUN_INDEX-th counted run (1-based)."""
+        return self.first_seed + run_index - 1
+
+
 class StrategySection(_Section):
     sweep: SweepSettings | None = None
     # Settings of the LLM strategy; validated by that strategy.
@@ -142,6 +177,7 @@ class ExperimentConfig(_Section):
     search: SearchSection
     execution: ExecutionSection
     constraints: ConstraintsSection = ConstraintsSection()
+    decision: DecisionSection = DecisionSection()
     prepare: PrepareSection = PrepareSection()
     strategy: StrategySection = StrategySection()
     # File -> constant -> value, applied to the baseline commit of every campaign.

@@ -1,24 +1,35 @@
 """The engine decides: pure functions from a campaign's history to what happens next.
 
 No I/O here. The local loop and the Kubernetes operator both feed it the trials they
-have recorded and act on its answers, so the two drivers cannot disagree.
+have recorded (each with its runs) and act on its answers, so the two drivers cannot
+disagree.
+
+A trial is one change; a run is one execution of it. Decisions are noise-aware by
+default: the baseline runs several times with distinct seeds, the run-to-run spread
+(sigma) is pooled over every trial with repeated runs, a promising trial is confirmed
+by more runs, and a trial is kept only when its mean beats the best's mean by more than
+the noise explains. `noise = "off"` keeps the single-run greedy rule.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-Status = str  # running | success | crash | timeout | killed | skipped
+Status = str  # running | success | crash | timeout | killed | skipped | pruned
 FAILED: frozenset[str] = frozenset({"crash", "timeout"})
 # A skipped proposal spent no GPU time but made no progress either: it breaks no streak.
 UNPRODUCTIVE: frozenset[str] = FAILED | {"skipped"}
+# A run stopped from outside (Ctrl-C, a restart): it says nothing of the change, and the
+# trial goes on with another run.
+INTERRUPTED = "killed"
 
 
-class StopReason(StrEnum):
+class EndReason(StrEnum):
     BUDGET_SPENT = "budget_spent"
     MAX_TRIALS = "max_trials"
     CONSECUTIVE_FAILURES = "consecutive_failures"
@@ -27,29 +38,75 @@ class StopReason(StrEnum):
     STRATEGY_FAILED = "strategy_failed"
 
 
+# Ends that mean the campaign did not end well.
+FAILURE_ENDS = frozenset(
+    {EndReason.CONSECUTIVE_FAILURES, EndReason.BASELINE_FAILED, EndReason.STRATEGY_FAILED}
+)
+
+
 @dataclass(frozen=True)
 class Objective:
     direction: Literal["minimize", "maximize"]
     min_improvement: float = 0.0
     max_vram_mb: float | None = None
 
+    def gain(self, value: float, reference: float) -> float:
+        """How much better VALUE is than REFERENCE (negative: worse)."""
+        return reference - value if self.direction == "minimize" else value - reference
+
     def improves(self, value: float, best: float) -> bool:
         """True when VALUE beats BEST by more than min_improvement."""
-        if self.direction == "minimize":
-            return value < best - self.min_improvement
-        return value > best + self.min_improvement
+        return self.gain(value, best) > self.min_improvement
 
 
 @dataclass(frozen=True)
-class Limits:
+class NoisePolicy:
+    """How many runs decide a trial, and how sure a keep must be ([decision])."""
+
+    aware: bool = True
+    baseline_runs: int = 3
+    confirm_runs: int = 2
+    z: float = 2.0
+    # The least run-to-run spread assumed: a few identical draws do not make noise vanish.
+    sigma_floor: float = 0.001
+    prune: bool = True
+    # The share of the training budget a run gets before it may be pruned.
+    prune_grace: float = 0.3
+
+    @property
+    def runs_of_baseline(self) -> int:
+        return self.baseline_runs if self.aware else 1
+
+    @property
+    def runs_of_candidate(self) -> int:
+        return 1 + self.confirm_runs if self.aware else 1
+
+
+@dataclass(frozen=True)
+class CampaignLimits:
     max_trials: int | None = None
     budget_seconds: float | None = None
     max_consecutive_failures: int = 5
 
 
 @dataclass(frozen=True)
+class RunView:
+    """What the engine needs to know of one run of a trial."""
+
+    number: int
+    status: Status
+    metric: float | None = None
+    peak_vram_mb: float | None = None
+
+    @property
+    def counted(self) -> bool:
+        """A run that ended on its own: interrupted ones are run again."""
+        return self.status not in ("running", INTERRUPTED)
+
+
+@dataclass(frozen=True)
 class TrialView:
-    """What the engine needs to know of one recorded trial."""
+    """What the engine needs to know of one recorded trial; METRIC is its runs' mean."""
 
     number: int
     status: Status
@@ -57,21 +114,238 @@ class TrialView:
     commit: str
     metric: float | None = None
     kept: bool | None = None
+    runs: tuple[RunView, ...] = ()
+
+    @property
+    def run_in_flight(self) -> bool:
+        return any(run.status == "running" for run in self.runs)
+
+    @property
+    def counted_runs(self) -> tuple[RunView, ...]:
+        return tuple(run for run in self.runs if run.counted)
+
+    def values(self) -> list[float]:
+        """The metrics of its successful runs."""
+        return [
+            run.metric
+            for run in self.runs
+            if run.status == "success" and run.metric is not None and math.isfinite(run.metric)
+        ]
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """A finished trial, before the decision."""
+class Stats:
+    mean: float
+    sd: float  # 0 for a single run
+    n: int
 
-    status: Status
-    metric: float | None
-    peak_vram_mb: float | None = None
+
+def stats(values: Sequence[float]) -> Stats | None:
+    """Mean, sample standard deviation and count of VALUES; None when there are none."""
+    if not values:
+        return None
+    n = len(values)
+    mean = math.fsum(values) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return Stats(mean, sd, n)
 
 
 @dataclass(frozen=True)
-class Decision:
+class Spread:
+    """The campaign's run-to-run spread: its estimate and the degrees of freedom behind it."""
+
+    sigma: float
+    freedom: int = 0
+
+    def margin(self, z: float) -> float:
+        """Z standard errors, widened as Student's t is for an estimated sigma: with the
+        few repeated runs of an early campaign, sigma is often well below the truth."""
+        if self.freedom == 0:
+            return z  # the floor alone: nothing was estimated
+        f = self.freedom
+        # Cornish-Fisher expansion of the t quantile at the normal quantile Z.
+        return z + (z**3 + z) / (4 * f) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * f**2)
+
+
+def pooled_sigma(trials: Sequence[TrialView], floor: float) -> Spread:
+    """The run-to-run spread of the campaign: the pooled standard deviation of every trial
+    with two or more successful runs, never below FLOOR."""
+    squares, freedom = 0.0, 0
+    for trial in trials:
+        values = trial.values()
+        if len(values) >= 2:
+            mean = math.fsum(values) / len(values)
+            squares += math.fsum((v - mean) ** 2 for v in values)
+            freedom += len(values) - 1
+    estimate = math.sqrt(squares / freedom) if freedom else 0.0
+    if estimate <= floor:
+        return Spread(floor)
+    return Spread(estimate, freedom)
+
+
+@dataclass(frozen=True)
+class RunAgain:
+    """The trial needs another run before it can be decided."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The trial is decided: kept or not, why (with the numbers), and its final status."""
+
     kept: bool
     reason: str
+    status: Status
+
+
+Judgement = RunAgain | Verdict
+
+
+def judge(
+    objective: Objective,
+    policy: NoisePolicy,
+    trial: TrialView,
+    best: TrialView | None,
+    spread: Spread,
+) -> Judgement:
+    """What a trial whose runs have all ended needs: another run, or its verdict.
+
+    BEST is the best kept trial (None for the baseline), SPREAD the campaign's pooled
+    run-to-run spread.
+    """
+    runs = trial.counted_runs
+    if not runs:
+        return RunAgain("no run has ended yet")
+    last = runs[-1]
+    if last.status != "success":
+        what = "pruned" if last.status == "pruned" else last.status
+        return Verdict(False, f"run {last.number} {what}: never kept", last.status)
+    if last.metric is None or not math.isfinite(last.metric):
+        return Verdict(False, f"run {last.number} gave no finite metric", "success")
+    vram = max((run.peak_vram_mb or 0.0) for run in runs)
+    cap = objective.max_vram_mb
+    if cap is not None and vram > cap:
+        return Verdict(False, f"peak VRAM {vram:.0f} MB over the {cap:.0f} MB cap", "success")
+    measured = stats(trial.values())
+    assert measured is not None  # the last run succeeded with a finite metric
+    if trial.is_baseline or best is None or best.metric is None:
+        if measured.n < policy.runs_of_baseline:
+            return RunAgain(f"baseline run {measured.n + 1} of {policy.runs_of_baseline}")
+        return Verdict(True, f"baseline: {_summary(measured)}", "success")
+    reference = stats(best.values()) or Stats(best.metric, 0.0, 1)
+    gain = objective.gain(measured.mean, reference.mean)
+    if not policy.aware:
+        if objective.improves(measured.mean, reference.mean):
+            return Verdict(True, f"improved {reference.mean:.6f} -> {measured.mean:.6f}", "success")
+        margin = f" by more than {objective.min_improvement:g}" if objective.min_improvement else ""
+        return Verdict(
+            False, f"{measured.mean:.6f} does not beat {reference.mean:.6f}{margin}", "success"
+        )
+    if measured.n == 1 and policy.confirm_runs > 0:
+        if gain <= objective.min_improvement:
+            return Verdict(
+                False,
+                f"first run {measured.mean:.6f} does not beat the best's mean "
+                f"{reference.mean:.6f} (n={reference.n}){_floor(objective)}: "
+                "reverted without confirmation",
+                "success",
+            )
+        return RunAgain(
+            f"promising ({gain:+.6f}): confirmation run 2 of {policy.runs_of_candidate}"
+        )
+    if measured.n < policy.runs_of_candidate:
+        return RunAgain(f"confirmation run {measured.n + 1} of {policy.runs_of_candidate}")
+    z = spread.margin(policy.z)
+    noise = z * spread.sigma * math.sqrt(1 / measured.n + 1 / reference.n)
+    needed = max(noise, objective.min_improvement)
+    kept = gain > noise and gain > objective.min_improvement
+    numbers = (
+        f"{_summary(measured)} against the best's {_summary(reference)}: gain {gain:+.6f}, "
+        f"needs more than {needed:.6f} (z={policy.z:g}"
+        f"{f' as t with {spread.freedom} df: {z:.2f}' if spread.freedom else ''}, "
+        f"sigma={spread.sigma:.6f}{', min_improvement' if needed > noise else ''})"
+    )
+    return Verdict(kept, ("kept: " if kept else "not kept: ") + numbers, "success")
+
+
+def _summary(measured: Stats) -> str:
+    if measured.n == 1:
+        return f"{measured.mean:.6f} (n=1)"
+    return f"{measured.mean:.6f} ± {measured.sd:.6f} (n={measured.n})"
+
+
+def _floor(objective: Objective) -> str:
+    return f" by more than {objective.min_improvement:g}" if objective.min_improvement else ""
+
+
+def best_kept(trials: Sequence[TrialView], objective: Objective) -> TrialView | None:
+    """The kept trial with the best mean: the parent of the next proposal."""
+    best: TrialView | None = None
+    for trial in trials:
+        if not trial.kept or trial.metric is None:
+            continue
+        if best is None or best.metric is None or objective.improves(trial.metric, best.metric):
+            best = trial
+    return best
+
+
+# Early stopping: a run's loss curve against the best kept trial's.
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    fraction: float  # of the training budget, 0..1
+    loss: float
+
+
+def prune_reason(
+    policy: NoisePolicy,
+    curve: Sequence[CurvePoint],
+    best_curves: Sequence[Sequence[CurvePoint]],
+    baseline_curves: Sequence[Sequence[CurvePoint]],
+) -> str | None:
+    """Why a running run should be stopped now (None: let it run).
+
+    Past the grace share of the budget, a run whose training loss is above the best
+    kept trial's (the mean of its runs' curves) by more than the spread of the
+    baseline runs' curves at the same share cannot be expected to catch up.
+    """
+    if not policy.prune or not policy.aware or not curve or len(baseline_curves) < 2:
+        return None
+    latest = curve[-1]
+    if latest.fraction < policy.prune_grace or not math.isfinite(latest.loss):
+        return None
+    references = [_at(points, latest.fraction) for points in best_curves]
+    spread_points = [_at(points, latest.fraction) for points in baseline_curves]
+    known = [value for value in references if value is not None]
+    spreads = [value for value in spread_points if value is not None]
+    if not known or len(spreads) < 2:
+        return None
+    reference = math.fsum(known) / len(known)
+    spread = max(max(spreads) - min(spreads), policy.sigma_floor)
+    if latest.loss <= reference + spread:
+        return None
+    return (
+        f"loss {latest.loss:.4f} at {latest.fraction:.0%} of the budget is above the best's "
+        f"{reference:.4f} by more than the baseline runs' spread {spread:.4f}"
+    )
+
+
+def _at(points: Sequence[CurvePoint], fraction: float) -> float | None:
+    """The curve's loss at FRACTION, interpolated; None outside what it covers."""
+    for before, after in itertools.pairwise(points):
+        if before.fraction <= fraction <= after.fraction:
+            if after.fraction == before.fraction:
+                return after.loss
+            share = (fraction - before.fraction) / (after.fraction - before.fraction)
+            return before.loss + share * (after.loss - before.loss)
+    if points and points[-1].fraction == fraction:
+        return points[-1].loss
+    return None
+
+
+# What to do next, for the whole campaign.
 
 
 @dataclass(frozen=True)
@@ -90,116 +364,97 @@ class Propose:
 
 
 @dataclass(frozen=True)
+class NextRun:
+    """Trial NUMBER has no run going and is not decided: start its next run."""
+
+    number: int
+
+
+@dataclass(frozen=True)
 class Stop:
-    reason: StopReason
+    reason: EndReason
     message: str
 
 
-Action = StartBaseline | Propose | Stop
-
-
-def decide(objective: Objective, outcome: Outcome, best: float | None, baseline: bool) -> Decision:
-    """Keep or revert one finished trial."""
-    if outcome.status != "success":
-        return Decision(False, f"{outcome.status}: never kept")
-    if outcome.metric is None or not math.isfinite(outcome.metric):
-        return Decision(False, "no finite metric")
-    vram = outcome.peak_vram_mb
-    if objective.max_vram_mb is not None and vram is not None and vram > objective.max_vram_mb:
-        return Decision(
-            False, f"peak VRAM {vram:.0f} MB over the {objective.max_vram_mb:.0f} MB cap"
-        )
-    if baseline or best is None:
-        return Decision(True, "baseline")
-    if objective.improves(outcome.metric, best):
-        return Decision(True, f"improved {best:.6f} -> {outcome.metric:.6f}")
-    margin = f" by more than {objective.min_improvement:g}" if objective.min_improvement else ""
-    return Decision(False, f"{outcome.metric:.6f} does not beat {best:.6f}{margin}")
-
-
-def best_kept(trials: Sequence[TrialView], objective: Objective) -> TrialView | None:
-    """The kept trial with the best metric: the parent of the next proposal."""
-    best: TrialView | None = None
-    for trial in trials:
-        if not trial.kept or trial.metric is None:
-            continue
-        if best is None or best.metric is None or objective.improves(trial.metric, best.metric):
-            best = trial
-    return best
+Action = StartBaseline | Propose | NextRun | Stop
+Start = StartBaseline | Propose | NextRun
 
 
 def next_action(
     trials: Sequence[TrialView],
-    limits: Limits,
+    limits: CampaignLimits,
     objective: Objective,
     elapsed_seconds: float,
     strategy_exhausted: str | None = None,
 ) -> Action:
-    """What to do next, one trial at a time, with no trial running."""
+    """What to do next, one trial at a time, with no run going."""
     actions = plan(
         trials, limits, objective, elapsed_seconds, strategy_exhausted=strategy_exhausted
     )
     if isinstance(actions, Stop):
         return actions
     if not actions:
-        raise ValueError("next_action: a trial is still running")
+        raise ValueError("next_action: a run is still going")
     return actions[0]
 
 
 def plan(
     trials: Sequence[TrialView],
-    limits: Limits,
+    limits: CampaignLimits,
     objective: Objective,
     elapsed_seconds: float,
     *,
     parallelism: int = 1,
     strategy_exhausted: str | None = None,
-) -> Stop | list[StartBaseline | Propose]:
-    """The trials to start now (none: wait for a running one), or why the campaign ends.
+) -> Stop | list[Start]:
+    """The runs and trials to start now (none: wait for a run going), or why the campaign ends.
 
-    TRIALS is every trial recorded so far, running ones included. A campaign only
-    stops once nothing runs: the running trials' outcomes are part of its result.
+    TRIALS is every trial recorded so far, running ones included. An undecided trial is
+    always carried on (NextRun) before anything new starts in its slot, and a campaign
+    only stops once nothing runs: the running trials' outcomes are part of its result.
     STRATEGY_EXHAUSTED is the strategy's word on why it has nothing left, if so.
     """
     running = [t for t in trials if t.status == "running"]
+    carried: list[Start] = [NextRun(t.number) for t in running if not t.run_in_flight]
     settled = [t for t in trials if t.status not in ("running", "killed")]
     number = max((t.number for t in trials), default=0) + 1
 
-    def stop_or_wait(reason: StopReason, message: str) -> Stop | list[StartBaseline | Propose]:
-        return [] if running else Stop(reason, message)
+    def stop_or_wait(reason: EndReason, message: str) -> Stop | list[Start]:
+        return carried if running else Stop(reason, message)
 
     if limits.max_trials is not None and len(settled) + len(running) >= limits.max_trials:
-        return stop_or_wait(StopReason.MAX_TRIALS, f"ran the maximum of {limits.max_trials} trials")
+        return stop_or_wait(EndReason.MAX_TRIALS, f"ran the maximum of {limits.max_trials} trials")
     if limits.budget_seconds is not None and elapsed_seconds >= limits.budget_seconds:
         spent = _duration(limits.budget_seconds)
-        return stop_or_wait(StopReason.BUDGET_SPENT, f"the wall-clock budget of {spent} is spent")
+        return stop_or_wait(EndReason.BUDGET_SPENT, f"the wall-clock budget of {spent} is spent")
 
     # Every later trial is measured against the baseline: it runs alone, first.
     if any(t.is_baseline for t in running):
-        return []
+        return carried
     baseline = next((t for t in settled if t.is_baseline), None)
     if baseline is None:
-        return [] if running else [StartBaseline(number=number)]
+        return carried if running else [StartBaseline(number=number)]
     if baseline.status != "success" or not baseline.kept:
         return stop_or_wait(
-            StopReason.BASELINE_FAILED,
+            EndReason.BASELINE_FAILED,
             f"the baseline trial ended as {baseline.status}: fix the experiment and rerun",
         )
 
     streak = _failure_streak(settled)
     if streak >= limits.max_consecutive_failures:
         return stop_or_wait(
-            StopReason.CONSECUTIVE_FAILURES,
+            EndReason.CONSECUTIVE_FAILURES,
             f"{streak} consecutive trials failed (limit {limits.max_consecutive_failures})",
         )
     if strategy_exhausted is not None:
-        return stop_or_wait(StopReason.STRATEGY_EXHAUSTED, strategy_exhausted)
+        return stop_or_wait(EndReason.STRATEGY_EXHAUSTED, strategy_exhausted)
 
     slots = parallelism - len(running)
     if limits.max_trials is not None:
         slots = min(slots, limits.max_trials - len(settled) - len(running))
     parent = best_kept(settled, objective) or baseline
-    return [Propose(parent_commit=parent.commit, number=number + i) for i in range(slots)]
+    proposals = [Propose(parent_commit=parent.commit, number=number + i) for i in range(slots)]
+    return [*carried, *proposals]
 
 
 def _failure_streak(settled: Sequence[TrialView]) -> int:

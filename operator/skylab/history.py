@@ -14,7 +14,7 @@ NONE = "—"  # a value a trial has not got (yet)
 # results.tsv lists what was trained: killed and running trials were interrupted, and
 # skipped proposals never ran.
 _EXPORTED = frozenset({"success", "crash", "timeout"})
-_RIGHT_ALIGNED = frozenset({0, 2, 3, 6})  # the numeric columns of format_table
+_RIGHT_ALIGNED = frozenset({0, 2, 3, 4, 5, 8})  # the numeric columns of format_table
 
 
 def decision(trial: TrialRecord) -> str:
@@ -24,7 +24,8 @@ def decision(trial: TrialRecord) -> str:
 
 
 def format_table(trials: Sequence[TrialRecord], metric_name: str) -> str:
-    """An aligned table of the trials, in number order; LLM usage columns when there is any."""
+    """An aligned table of the trials, in number order: each one's mean over its runs, their
+    standard deviation and count; LLM usage columns when there is any."""
     llm = any(trial.usage.total_tokens for trial in trials)
     usage_header = ("tokens", "llm_usd") if llm else ()
     rows = [
@@ -32,6 +33,8 @@ def format_table(trials: Sequence[TrialRecord], metric_name: str) -> str:
             "#",
             "commit",
             metric_name,
+            "sd",
+            "runs",
             "memory_gb",
             "status",
             "decision",
@@ -45,6 +48,8 @@ def format_table(trials: Sequence[TrialRecord], metric_name: str) -> str:
             str(trial.number),
             trial.commit[:7],
             NONE if trial.metric is None else f"{trial.metric:.6f}",
+            NONE if trial.metric_sd is None or trial.run_count < 2 else f"{trial.metric_sd:.6f}",
+            str(trial.run_count),
             _memory_gb(trial),
             trial.status,
             decision(trial),
@@ -54,7 +59,7 @@ def format_table(trials: Sequence[TrialRecord], metric_name: str) -> str:
         )
         for trial in _in_order(trials)
     ]
-    right_aligned = _RIGHT_ALIGNED | ({7, 8} if llm else set())
+    right_aligned = _RIGHT_ALIGNED | ({9, 10} if llm else set())
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = []
     for row in rows:

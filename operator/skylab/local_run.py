@@ -20,31 +20,25 @@ from skylab import engine
 from skylab.config import ExperimentConfig
 from skylab.console import Console
 from skylab.errors import UserError
-from skylab.executors.base import TrialInterrupted, TrialLaunch
+from skylab.executors.base import StopRun, TrialInterrupted
 from skylab.executors.local import LocalExecutor
 from skylab.experiments import baseline_files
 from skylab.home import Home
 from skylab.store import open_database
-from skylab.store.db import CampaignRecord, CampaignState, Store, TrialRecord
+from skylab.store.db import CampaignRecord, Store, TrialRecord
 from skylab.strategies import build_strategy
 from skylab.strategies.base import (
     Exhausted,
     Proposal,
-    ProposalContext,
     Skipped,
     Strategy,
     StrategyFailed,
 )
+from skylab.trial_steps import Pruner, TrialSteps, end_state
 from skylab.workspace import Workspace
 from skylab_trainer.progress import Progress, parse_progress
-from skylab_trainer.report import RunReport, RunStatus
+from skylab_trainer.report import RunReport
 
-# Stop reasons that mean the campaign did not end well.
-_FAILURE_STOPS = {
-    engine.StopReason.CONSECUTIVE_FAILURES,
-    engine.StopReason.BASELINE_FAILED,
-    engine.StopReason.STRATEGY_FAILED,
-}
 # Progress rows are written in batches, at most this often.
 _PROGRESS_FLUSH_SECONDS = 2.0
 
@@ -172,29 +166,23 @@ class _Loop:
         self.console = console
         self.data_dir = data_dir
         self.workspace = Workspace(request.home.workspace(campaign.name), campaign.name)
+        self.steps = TrialSteps(store, campaign, config, self.workspace)
         self.executor = LocalExecutor(request.home.runs_dir(campaign.name))
         settings = campaign.config
-        self.baseline_commit: str = settings["baseline_commit"]
-        self.limits = engine.Limits(
+        self.limits = engine.CampaignLimits(
             max_trials=request.max_trials or settings.get("max_trials"),
             budget_seconds=request.budget_seconds or settings.get("budget_seconds"),
             max_consecutive_failures=config.constraints.max_consecutive_failures,
         )
-        max_vram = config.constraints.max_vram_gb
-        self.objective = engine.Objective(
-            direction=config.search.direction,
-            min_improvement=config.search.min_improvement,
-            max_vram_mb=max_vram * 1024 if max_vram else None,
-        )
 
     def run(self) -> CampaignRecord:
-        interrupted = self.store.mark_running_trials_killed(
-            self.campaign.id, "skylab stopped while the trial ran"
+        interrupted = self.store.mark_running_runs_killed(
+            self.campaign.id, "skylab stopped while the run ran"
         )
-        if interrupted:
-            self.console.say(f"recorded {len(interrupted)} interrupted trial(s) as killed")
+        for trial, run in interrupted:
+            self.console.say(f"{self._label(trial)} run {run} was interrupted: it runs again")
         self.store.set_campaign_status(self.campaign.id, "running")
-        self._reconcile_branch()
+        self.steps.advance_branch()  # repair it if skylab died between the two
         self.console.say(
             f"campaign {self.campaign.name}: branch {self.workspace.branch} "
             f"in {self.workspace.git_dir}"
@@ -202,136 +190,100 @@ class _Loop:
         exhausted: str | None = None
         try:
             while True:
-                trials = self.store.trials(self.campaign.id)
+                trials = self.steps.trials()
                 action = engine.next_action(
                     [t.view() for t in trials],
                     self.limits,
-                    self.objective,
+                    self.steps.objective,
                     _elapsed(trials),
                     exhausted,
                 )
                 if isinstance(action, engine.Stop):
                     return self._stop(action)
-                if isinstance(action, engine.StartBaseline):
+                if isinstance(action, engine.NextRun):
+                    self._run(next(t for t in trials if t.number == action.number))
+                elif isinstance(action, engine.StartBaseline):
                     proposal = Proposal(description="baseline", edits=())
-                    self._run_trial(action.number, self.baseline_commit, None, proposal)
-                    continue
-                try:
-                    found = self.strategy.propose(self._context(action, trials))
-                except StrategyFailed as exc:
-                    message = f"{exc}; continue with `skylab run --resume`"
-                    return self._stop(engine.Stop(engine.StopReason.STRATEGY_FAILED, message))
-                if isinstance(found, Exhausted):
-                    exhausted = found.message
-                elif isinstance(found, Skipped):
-                    self._skip(action, found)
+                    self._start(action.number, self.steps.baseline_commit, None, proposal)
                 else:
-                    commit = self.workspace.commit_trial(
-                        action.number, action.parent_commit, found.edits, found.description
-                    )
-                    self._run_trial(action.number, commit, action.parent_commit, found)
+                    found = self._propose(action, trials)
+                    if isinstance(found, engine.Stop):
+                        return self._stop(found)
+                    if isinstance(found, Exhausted):
+                        exhausted = found.message
         except KeyboardInterrupt as exc:
             self.store.set_campaign_status(self.campaign.id, "interrupted", "interrupted")
             raise CampaignInterrupted(self.campaign.name) from exc
 
-    def _skip(self, action: engine.Propose, skipped: Skipped) -> None:
-        self.store.record_skipped(
-            self.campaign.id,
-            action.number,
-            parent_commit=action.parent_commit,
-            strategy=self.strategy.name,
-            skipped=skipped,
-        )
-        self.console.say(f"{self.campaign.name}-{action.number:04d} skipped: {skipped.reason}")
-
-    def _run_trial(self, number: int, commit: str, parent: str | None, proposal: Proposal) -> None:
-        baseline = parent is None
-        if baseline:
-            self.workspace.mark_baseline(number, commit)
-        trial = self.store.start_trial(
-            campaign_id=self.campaign.id,
-            number=number,
-            is_baseline=baseline,
-            commit=commit,
-            parent_commit=parent,
-            strategy="baseline" if baseline else self.strategy.name,
-            description=proposal.description,
-            rationale=proposal.rationale,
-            diff="" if parent is None else self.workspace.diff(parent, commit),
-            params=dict(proposal.params),
-            usage=proposal.usage,
-        )
-        label = f"{self.campaign.name}-{number:04d}"
-        self.console.say(f"{label} started: {proposal.description} ({commit[:7]})")
-        recorder = _ProgressRecorder(self.store, trial.id, self.console, label)
+    def _propose(
+        self, action: engine.Propose, trials: list[TrialRecord]
+    ) -> Proposal | Skipped | Exhausted | engine.Stop:
         try:
-            report = self.executor.run(self._launch(label, commit), recorder.on_line)
-        except TrialInterrupted as stop:
-            recorder.flush()
-            self.store.finish_trial(trial.id, stop.report, kept=False, decision_reason="killed")
-            self.console.say(f"{label} killed: the campaign can go on with --resume")
-            raise KeyboardInterrupt from stop
-        recorder.flush()
-        self._decide(trial, report)
+            found = self.strategy.propose(self.steps.proposal_context(trials, action))
+        except StrategyFailed as exc:
+            message = f"{exc}; continue with `skylab run --resume`"
+            return engine.Stop(engine.EndReason.STRATEGY_FAILED, message)
+        if isinstance(found, Skipped):
+            self.steps.skip(action, self.strategy.name, found)
+            self.console.say(f"{self._label(action.number)} skipped: {found.reason}")
+        elif isinstance(found, Proposal):
+            commit = self.workspace.commit_trial(
+                action.number, action.parent_commit, found.edits, found.description
+            )
+            self._start(action.number, commit, action.parent_commit, found)
+        return found
 
-    def _decide(self, trial: TrialRecord, report: RunReport) -> None:
-        best = engine.best_kept(
-            [t.view() for t in self.store.trials(self.campaign.id)], self.objective
-        )
-        outcome = engine.Outcome(str(report.status), report.metric, report.peak_vram_mb)
-        decision = engine.decide(
-            self.objective, outcome, best.metric if best else None, trial.is_baseline
-        )
-        self.store.finish_trial(
-            trial.id, report, kept=decision.kept, decision_reason=decision.reason
-        )
-        if decision.kept:
-            self.workspace.advance(trial.commit)
-        verdict = "kept" if decision.kept else "reverted"
-        value = f"{report.metric:.6f}" if report.metric is not None else "-"
-        detail = f": {report.message}" if report.status != RunStatus.SUCCESS else ""
-        self.console.say(
-            f"{self.campaign.name}-{trial.number:04d} {report.status} "
-            f"{self.config.search.metric}={value} -> {verdict} ({decision.reason}){detail}"
-        )
+    def _start(self, number: int, commit: str, parent: str | None, proposal: Proposal) -> None:
+        self.steps.start_trial(number, commit, parent, proposal, self.strategy.name)
+        self.console.say(f"{self._label(number)} started: {proposal.description} ({commit[:7]})")
 
-    def _launch(self, name: str, commit: str) -> TrialLaunch:
-        env = {**self.config.execution.env, "SKYLAB_DATA_DIR": str(self.data_dir)}
+    def _run(self, trial: TrialRecord) -> None:
+        """One run of TRIAL, recorded, then the trial judged."""
+        run = self.steps.start_run(trial)
+        label = self._label(trial.number)
+        if run.number > 1:
+            self.console.say(f"{label} run {run.number}: seed {run.seed}")
+        env = {"SKYLAB_DATA_DIR": str(self.data_dir)}
         # `python` in the experiment's command must be this interpreter.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
-        return TrialLaunch(
-            name=name,
-            repo=str(self.workspace.git_dir),
-            commit=commit,
-            command=self.config.execution.command,
-            time_budget_seconds=self.config.execution.time_budget_seconds,
-            max_wall_time_seconds=self.config.max_trial_wall_time,
-            metric_name=self.config.search.metric,
-            metric_pattern=self.config.search.metric_pattern,
-            env=env,
+        launch = self.steps.launch(trial, run, str(self.workspace.git_dir), env)
+        recorder = _ProgressRecorder(self.store, trial.id, run.number, self.console, label)
+        recorder.pruner = self.steps.pruner(trial)
+        try:
+            report = self.executor.run(launch, recorder.on_line)
+        except TrialInterrupted as stop:
+            recorder.flush()
+            self.steps.record_run(trial, run.number, stop.report)
+            self.console.say(f"{label} run {run.number} killed: go on with --resume")
+            raise KeyboardInterrupt from stop
+        recorder.flush()
+        self.steps.record_run(trial, run.number, report, pruned=recorder.pruned)
+        self._settle(trial.number, run.number, report, recorder.pruned)
+
+    def _settle(self, number: int, run: int, report: RunReport, pruned: str | None) -> None:
+        settled = self.steps.settle(number)
+        label = self._label(number)
+        metric_name = self.config.search.metric
+        if pruned is not None:
+            self.console.say(f"{label} run {run} pruned: {pruned}")
+        if isinstance(settled.judgement, engine.RunAgain):
+            value = "-" if report.metric is None else f"{report.metric:.6f}"
+            self.console.say(f"{label} run {run} {metric_name}={value}: {settled.judgement.reason}")
+            return
+        trial = settled.trial
+        verdict = "kept" if trial.kept else "reverted"
+        value = _mean(trial)
+        detail = f": {trial.message}" if trial.status not in ("success", "pruned") else ""
+        self.console.say(
+            f"{label} {trial.status} {metric_name}={value} -> {verdict} "
+            f"({trial.decision_reason}){detail}"
         )
 
-    def _context(self, action: engine.Propose, trials: list[TrialRecord]) -> ProposalContext:
-        past = [t.past() for t in trials if t.status != "running"]
-        best = engine.best_kept([t.view() for t in trials], self.objective)
-        best_past = next((p for p in past if best and p.number == best.number), None)
-        return ProposalContext(
-            experiment=self.config,
-            parent_commit=action.parent_commit,
-            read_file=lambda path: self.workspace.read_file(action.parent_commit, path),
-            history=past,
-            best=best_past,
-        )
-
-    def _reconcile_branch(self) -> None:
-        """The branch follows the database: repair it if skylab died between the two."""
-        best = engine.best_kept(
-            [t.view() for t in self.store.trials(self.campaign.id)], self.objective
-        )
-        self.workspace.advance(best.commit if best else self.baseline_commit)
+    def _label(self, number: int) -> str:
+        return f"{self.campaign.name}-{number:04d}"
 
     def _stop(self, stop: engine.Stop) -> CampaignRecord:
-        status: CampaignState = "failed" if stop.reason in _FAILURE_STOPS else "succeeded"
+        status = end_state(stop)
         self.store.set_campaign_status(self.campaign.id, status, stop.message)
         self.console.say(f"campaign {self.campaign.name} {status}: {stop.message}")
         campaign = self.store.get_campaign(self.campaign.name)
@@ -339,16 +291,29 @@ class _Loop:
         return campaign
 
 
-class _ProgressRecorder:
-    """Turns the trainer's output into the live line and batched progress rows."""
+def _mean(trial: TrialRecord) -> str:
+    if trial.metric is None:
+        return "-"
+    if trial.run_count > 1 and trial.metric_sd is not None:
+        return f"{trial.metric:.6f} ± {trial.metric_sd:.6f} (n={trial.run_count})"
+    return f"{trial.metric:.6f}"
 
-    def __init__(self, store: Store, trial_id: int, console: Console, label: str) -> None:
+
+class _ProgressRecorder:
+    """Turns the trainer's output into the live line, batched progress rows and, once the
+    run cannot catch up with the best, a request to stop it."""
+
+    def __init__(self, store: Store, trial_id: int, run: int, console: Console, label: str) -> None:
         self.store = store
         self.trial_id = trial_id
+        self.run = run
         self.console = console
         self.label = label
         self.pending: list[Progress] = []
+        self.seen: list[Progress] = []
         self.last_flush = time.monotonic()
+        self.pruner: Pruner | None = None
+        self.pruned: str | None = None
 
     def on_line(self, line: str) -> None:
         progress = parse_progress(line)
@@ -356,12 +321,17 @@ class _ProgressRecorder:
             return
         self.console.progress(self.label, progress)
         self.pending.append(progress)
+        self.seen.append(progress)
         if time.monotonic() - self.last_flush >= _PROGRESS_FLUSH_SECONDS:
             self.flush()
+        if self.pruner is not None and self.pruned is None:
+            self.pruned = self.pruner.check(self.seen)
+            if self.pruned is not None:
+                raise StopRun(self.pruned)
 
     def flush(self) -> None:
         if self.pending:
-            self.store.add_progress(self.trial_id, self.pending)
+            self.store.add_progress(self.trial_id, self.run, self.pending)
             self.pending = []
         self.last_flush = time.monotonic()
 

@@ -66,6 +66,7 @@ TRIAL = Resource(
     columns=(
         ("Campaign", "string", ".spec.campaign"),
         ("Phase", "string", ".status.phase"),
+        ("Runs", "integer", ".status.runs"),
         ("Metric", "number", ".status.metric"),
         ("Decision", "string", ".status.decision"),
         ("Description", "string", ".spec.description"),

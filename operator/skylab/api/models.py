@@ -185,6 +185,20 @@ class StrategySpec(ApiModel):
         return self
 
 
+class DecisionSpec(ApiModel):
+    """Overrides of experiment.toml's [decision]: how many runs decide a trial."""
+
+    noise: Literal["aware", "off"] | None = Field(
+        default=None, description="aware: runs, means and sigma; off: one run, greedy"
+    )
+    baseline_runs: int | None = Field(default=None, ge=1, le=20)
+    confirm_runs: int | None = Field(default=None, ge=0, le=20)
+    z: float | None = Field(default=None, gt=0, description="standard errors a keep must clear")
+    sigma_floor: float | None = Field(default=None, ge=0)
+    prune: bool | None = Field(default=None, description="stop runs that cannot catch up")
+    prune_grace: float | None = Field(default=None, ge=0, le=1)
+
+
 class BudgetSpec(ApiModel):
     wall_clock: str | None = Field(
         default=None, pattern=DURATION_PATTERN, description="e.g. 8h, 90m, 1h30m"
@@ -262,6 +276,7 @@ class CampaignSpec(ApiModel):
     metric: MetricSpec | None = Field(default=None, description="default: experiment.toml's")
     strategy: StrategySpec
     budget: BudgetSpec = BudgetSpec()
+    decision: DecisionSpec | None = Field(default=None, description="default: experiment.toml's")
     parallelism: int = Field(default=1, ge=1, le=64, description="trials running at once")
     min_improvement: float | None = Field(default=None, ge=0)
     trial_template: TrialTemplate
@@ -338,6 +353,7 @@ class TrialPhase(StrEnum):
     FAILED = "Failed"
     TIMED_OUT = "TimedOut"
     STOPPED = "Stopped"
+    PRUNED = "Pruned"  # stopped early: its loss could not catch up with the best's
 
 
 class Decision(StrEnum):
@@ -347,7 +363,9 @@ class Decision(StrEnum):
 
 class TrialStatus(ApiModel):
     phase: TrialPhase = TrialPhase.PENDING
-    metric: float | None = None
+    runs: int = Field(default=0, description="runs that ended (interrupted ones are not counted)")
+    metric: float | None = Field(default=None, description="the mean over its successful runs")
+    metric_sd: float | None = Field(default=None, description="their standard deviation")
     metrics: dict[str, float] = {}
     decision: Decision | None = None
     job_name: str | None = None

@@ -39,12 +39,12 @@ from skylab.store.db import CampaignState, TrialRecord
 from skylab.strategies.base import (
     Exhausted,
     Proposal,
-    ProposalContext,
     Skipped,
     StrategyFailed,
     StrategyUnavailable,
     Usage,
 )
+from skylab.trial_steps import TrialSteps
 from skylab_trainer.report import RunReport, RunStatus
 
 # The proposal behind a Trial (sweep point, rationale, LLM usage), kept on the Trial
@@ -52,11 +52,6 @@ from skylab_trainer.report import RunReport, RunStatus
 PROPOSAL_ANNOTATION = "skylab.dev/proposal"
 MAX_RATIONALE_CHARS = 4000
 TERMINAL = (CampaignPhase.SUCCEEDED, CampaignPhase.FAILED)
-_FAILURE_STOPS = {
-    engine.StopReason.CONSECUTIVE_FAILURES,
-    engine.StopReason.BASELINE_FAILED,
-    engine.StopReason.STRATEGY_FAILED,
-}
 Clock = Callable[[], datetime]
 _RECORD_STATUS: dict[CampaignPhase, CampaignState] = {
     CampaignPhase.RUNNING: "running",
@@ -181,14 +176,17 @@ class CampaignController:
         for trial in trials:
             self.ensure_row(context, store, trial)
         names = {trial["metadata"]["name"] for trial in trials}
+        steps = TrialSteps(store, context.record, context.config, context.workspace)
         for row in store.trials(context.record.id):
             if row.status == "running" and trial_name(context.name, row.number) not in names:
-                report = RunReport(
-                    RunStatus.KILLED,
-                    context.config.search.metric,
-                    message="the Trial was deleted before it finished",
-                )
-                store.finish_trial(row.id, report, kept=False, decision_reason="killed")
+                message = "the Trial was deleted before it finished"
+                for run in row.runs:
+                    if run.status == "running":
+                        report = RunReport(
+                            RunStatus.KILLED, context.config.search.metric, message=message
+                        )
+                        steps.record_run(row, run.number, report)
+                steps.finish(row, engine.Verdict(False, f"killed: {message}", "killed"))
 
     # The steps of one reconcile
 
@@ -209,9 +207,11 @@ class CampaignController:
             )
             if isinstance(actions, engine.Stop):
                 return actions
-            if not actions:
+            # A trial's next run is its own reconcile's: the Trial's handlers start its Job.
+            starts = [a for a in actions if not isinstance(a, engine.NextRun)]
+            if not starts:
                 return None
-            action = actions[0]
+            action = starts[0]
             if isinstance(action, engine.StartBaseline):
                 baseline = context.record.config["baseline_commit"]
                 context.workspace.mark_baseline(action.number, baseline)
@@ -219,57 +219,26 @@ class CampaignController:
                 self._create_trial(body, context, store, action.number, baseline, None, proposal)
                 continue
             # A proposal in flight when the operator dies left nothing behind: it is redone.
+            steps = TrialSteps(store, context.record, context.config, context.workspace)
             try:
-                found = context.strategy.propose(self._proposal_context(context, rows, action))
+                found = context.strategy.propose(steps.proposal_context(rows, action))
             except StrategyUnavailable:
                 raise  # kopf retries the reconcile later
             except StrategyFailed as exc:
-                return engine.Stop(engine.StopReason.STRATEGY_FAILED, str(exc))
+                return engine.Stop(engine.EndReason.STRATEGY_FAILED, str(exc))
             if isinstance(found, Exhausted):
                 exhausted = found.message
                 continue
             if isinstance(found, Skipped):
-                self._skip(body, context, store, action, found)
+                steps.skip(action, context.strategy.name, found)
+                name = trial_name(context.name, action.number)
+                post(body, "ProposalSkipped", f"{name}: {found.reason}", warning=True)
                 continue
             commit = context.workspace.commit_trial(
                 action.number, action.parent_commit, found.edits, found.description
             )
             parent = action.parent_commit
             self._create_trial(body, context, store, action.number, commit, parent, found)
-
-    def _skip(
-        self,
-        campaign: Manifest,
-        context: CampaignContext,
-        store: Store,
-        action: engine.Propose,
-        skipped: Skipped,
-    ) -> None:
-        """A proposal given up before it ran: a row and an Event, no Trial and no Job."""
-        store.record_skipped(
-            context.record.id,
-            action.number,
-            parent_commit=action.parent_commit,
-            strategy=context.strategy.name,
-            skipped=skipped,
-        )
-        name = trial_name(context.name, action.number)
-        post(campaign, "ProposalSkipped", f"{name}: {skipped.reason}", warning=True)
-
-    def _proposal_context(
-        self, context: CampaignContext, rows: list[TrialRecord], action: engine.Propose
-    ) -> ProposalContext:
-        # Running trials are part of the history: parallel proposals must differ.
-        past = [row.past() for row in rows]
-        best = engine.best_kept([row.view() for row in rows], context.objective)
-        parent = action.parent_commit
-        return ProposalContext(
-            experiment=context.config,
-            parent_commit=parent,
-            read_file=lambda path: context.workspace.read_file(parent, path),
-            history=past,
-            best=next((p for p in past if best is not None and p.number == best.number), None),
-        )
 
     def _create_trial(
         self,
@@ -327,7 +296,7 @@ class CampaignController:
             phase = CampaignPhase.SUSPENDED
         elif outcome is None:
             phase = CampaignPhase.RUNNING
-        elif outcome.reason in _FAILURE_STOPS:
+        elif outcome.reason in engine.FAILURE_ENDS:
             phase = CampaignPhase.FAILED
         else:
             phase = CampaignPhase.SUCCEEDED

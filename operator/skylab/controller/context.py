@@ -32,6 +32,7 @@ from skylab.store.db import CampaignRecord
 from skylab.strategies import StrategyOptions, build_strategy
 from skylab.strategies.base import Strategy, StrategyFailed, StrategyUnavailable
 from skylab.strategies.llm.settings import INVALID_KEY
+from skylab.trial_steps import objective_of
 from skylab.workspace import Workspace
 
 # Trial names are <campaign>-NNNN and must stay valid label values (63 characters).
@@ -52,17 +53,12 @@ class CampaignContext:
 
     @property
     def objective(self) -> engine.Objective:
-        search, max_vram = self.config.search, self.config.constraints.max_vram_gb
-        return engine.Objective(
-            direction=search.direction,
-            min_improvement=search.min_improvement,
-            max_vram_mb=max_vram * 1024 if max_vram else None,
-        )
+        return objective_of(self.config)
 
     @property
-    def limits(self) -> engine.Limits:
+    def limits(self) -> engine.CampaignLimits:
         budget = self.spec.budget
-        return engine.Limits(
+        return engine.CampaignLimits(
             max_trials=budget.max_trials,
             budget_seconds=parse_duration(budget.wall_clock) if budget.wall_clock else None,
             max_consecutive_failures=self.config.constraints.max_consecutive_failures,

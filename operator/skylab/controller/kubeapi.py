@@ -106,6 +106,15 @@ class KubeApi:
     def get_job(self, namespace: str, name: str) -> Manifest | None:
         return self._get(_batch(namespace, "jobs", name))
 
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and, in the background, its pods; a Job already gone is no error."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+        try:
+            self._request("DELETE", _batch(namespace, "jobs", name), body=body)
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+
     def list_pods(self, namespace: str, selector: str) -> list[Manifest]:
         return self._list(_core(namespace, "pods"), selector)
 

@@ -15,11 +15,13 @@ from skylab.controller.kubeapi import Manifest
 from skylab.executors.kubernetes import COMPLETION_INDEX_ANNOTATION, CONTAINER
 from skylab_trainer.report import MAX_REPORT_BYTES, RunReport, RunStatus
 
-PHASE_OF_STATUS = {
+# A decided trial's phase, by its status (a run's, or pruned).
+PHASE_OF_STATUS: dict[str, TrialPhase] = {
     RunStatus.SUCCESS: TrialPhase.SUCCEEDED,
     RunStatus.CRASH: TrialPhase.FAILED,
     RunStatus.TIMEOUT: TrialPhase.TIMED_OUT,
     RunStatus.KILLED: TrialPhase.STOPPED,
+    "pruned": TrialPhase.PRUNED,
 }
 
 

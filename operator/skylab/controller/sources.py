@@ -155,6 +155,8 @@ def experiment_config(snapshot: Path, spec: CampaignSpec) -> ExperimentConfig:
         constraints["max_trial_wall_time"] = template.max_wall_time_seconds
     if spec.budget.max_failed_trials is not None:  # the Campaign's word wins when it has one
         constraints["max_consecutive_failures"] = spec.budget.max_failed_trials
+    if spec.decision is not None:
+        data["decision"] |= spec.decision.model_dump(exclude_none=True)
     if spec.strategy.sweep is not None:
         sweep = spec.strategy.sweep.model_dump(exclude_none=True)
         try:

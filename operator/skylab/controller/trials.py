@@ -1,14 +1,18 @@
-"""Reconciling a Trial: its Job, its phase while it runs, its outcome once it ends.
+"""Reconciling a Trial: the Job of each of its runs, its phase while a run goes, its
+verdict once the runs are judged.
 
-The outcome is recorded in PostgreSQL first (with the keep-or-revert decision, once:
-the row can only leave `running` one time), then published on the Trial's status.
-A restart between the two publishes the recorded outcome; it never decides again.
+A run's report is recorded in PostgreSQL once (a run row can leave `running` one time),
+then the trial steps judge it: another run (a new Job) or the verdict, recorded once,
+then published on the Trial's status. A restart between any two of these publishes what
+is recorded; it never runs or decides anything twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from skylab import engine
 from skylab.api.models import Decision, TrialPhase, TrialSpec
@@ -22,16 +26,15 @@ from skylab.controller.events import post
 from skylab.controller.kubeapi import KubeApi, Manifest
 from skylab.controller.reports import (
     PHASE_OF_STATUS,
-    Ending,
     job_state,
     reporting_pod,
     trial_ending,
 )
 from skylab.controller.sources import CampaignSetupError
-from skylab.executors.base import TrialLaunch
-from skylab.executors.kubernetes import TRIAL_LABEL, trial_job
-from skylab.store import Store, TrialNotRunningError
-from skylab.store.db import TrialRecord
+from skylab.executors.base import run_name
+from skylab.executors.kubernetes import RUN_LABEL, TRIAL_LABEL, trial_job
+from skylab.store.db import RunRecord, TrialRecord
+from skylab.trial_steps import Pruner, TrialSteps
 from skylab_trainer.progress import parse_progress
 from skylab_trainer.report import RunReport, RunStatus
 
@@ -40,8 +43,14 @@ _REASON_OF_STATUS = {
     "crash": "Crashed",
     "timeout": "TimedOut",
     "killed": "Killed",
+    "pruned": "Pruned",
 }
 Clock = Callable[[], datetime]
+
+
+def run_pods(trial: str, run: int) -> str:
+    """The label selector of a run's pods."""
+    return f"{TRIAL_LABEL}={trial},{RUN_LABEL}={run}"
 
 
 class TrialController:
@@ -53,7 +62,7 @@ class TrialController:
         self.clock: Clock = campaigns.clock
 
     def sync(self, namespace: str, name: str, campaign: str) -> None:
-        """Bring the Trial NAME of CAMPAIGN up to date with its Job; act when the Job ended."""
+        """Bring the Trial NAME of CAMPAIGN up to date with its run's Job; act when it ended."""
         with self.campaigns.locks.hold(namespace, campaign):
             opened = self._open(namespace, campaign)
             trial = self.api.get_trial(namespace, name)
@@ -61,26 +70,58 @@ class TrialController:
                 return
             self._sync(*opened, trial)
 
-    def progress_source(self, namespace: str, name: str) -> tuple[int, str] | None:
-        """The trial's row id and the name of the pod whose log has its progress."""
+    def steps(self, context: CampaignContext) -> TrialSteps:
+        return TrialSteps(
+            self.opener.stores.get(), context.record, context.config, context.workspace
+        )
+
+    def progress_source(self, namespace: str, name: str) -> ProgressSource | None:
+        """Where a running trial's progress is: its row, its run going, that run's pod."""
         trial = self.api.get_trial(namespace, name)
         if trial is None:
             return None
         spec = TrialSpec.model_validate(trial["spec"])
         opened = self._open(namespace, spec.campaign)
-        pod = reporting_pod(self.api.list_pods(namespace, f"{TRIAL_LABEL}={name}"))
-        if opened is None or pod is None:
+        if opened is None:
             return None
-        row = self.opener.stores.get().get_trial(opened[1].record.id, spec.number)
-        return None if row is None else (row.id, pod["metadata"]["name"])
+        steps = self.steps(opened[1])
+        row = steps.store.get_trial(opened[1].record.id, spec.number)
+        run = None if row is None else _going(row)
+        if row is None or run is None:
+            return None
+        pod = reporting_pod(self.api.list_pods(namespace, run_pods(name, run.number)))
+        if pod is None:
+            return None
+        return ProgressSource(name, row, run.number, pod["metadata"]["name"], steps.pruner(row))
 
-    def record_progress(
-        self, namespace: str, pod: str, trial_id: int, since_seconds: int | None
-    ) -> None:
-        """Store the progress lines of POD's log (of the last SINCE_SECONDS)."""
-        log = self.api.pod_log(namespace, pod, since_seconds)
+    def record_progress(self, namespace: str, source: ProgressSource, since: int | None) -> None:
+        """Store the progress lines of the run's pod log (of the last SINCE seconds); stop
+        the run when it cannot catch up with the best."""
+        log = self.api.pod_log(namespace, source.pod, since)
         items = [p for p in map(parse_progress, log.splitlines()) if p is not None]
-        self.opener.stores.get().add_progress(trial_id, items)
+        store = self.opener.stores.get()
+        store.add_progress(source.trial.id, source.run, items)
+        if not items or not source.pruner.best_curves:
+            return
+        reason = source.pruner.check(store.progress(source.trial.id, source.run))
+        if reason is not None:
+            self._prune(namespace, source, reason)
+
+    def _prune(self, namespace: str, source: ProgressSource, reason: str) -> None:
+        campaign = TrialSpec.model_validate(
+            (self.api.get_trial(namespace, source.trial_name) or {}).get("spec") or {}
+        ).campaign
+        with self.campaigns.locks.hold(namespace, campaign):
+            opened = self._open(namespace, campaign)
+            if opened is None:
+                return
+            report = RunReport(RunStatus.KILLED, opened[1].config.search.metric, message=reason)
+            # Recorded first: once the Job is gone, its run is pruned, not killed.
+            self.steps(opened[1]).record_run(source.trial, source.run, report, pruned=reason)
+            self.api.delete_job(namespace, run_name(source.trial_name, source.run))
+            trial = self.api.get_trial(namespace, source.trial_name)
+            if trial is not None:
+                post(trial, "Pruned", f"run {source.run}: {reason}", warning=True)
 
     def _open(self, namespace: str, campaign: str) -> tuple[Manifest, CampaignContext] | None:
         body = self.api.get_campaign(namespace, campaign)
@@ -92,54 +133,65 @@ class TrialController:
             return None  # the Campaign's own reconcile reports it
 
     def _sync(self, campaign: Manifest, context: CampaignContext, trial: Manifest) -> None:
-        store = self.opener.stores.get()
-        row = self.campaigns.ensure_row(context, store, trial)
+        steps = self.steps(context)
+        row = self.campaigns.ensure_row(context, steps.store, trial)
         name = trial["metadata"]["name"]
         status = trial.get("status") or {}
         if row.status != "running":  # decided before a restart: publish, never redecide
-            self._publish(context, trial, row, status.get("reason") or "")
+            self._publish(context, trial, row)
             self.campaigns.advance(campaign, context)
             return
-        job = self.api.get_job(context.namespace, name)
+        run = _going(row)
+        if run is None:  # every run so far has ended: judge them
+            settled = steps.settle(row.number)
+            if isinstance(settled.judgement, engine.Verdict):
+                self._publish(context, trial, settled.trial)
+                self.campaigns.advance(campaign, context)
+                return
+            run = steps.start_run(settled.trial)
+        job_name = run_name(name, run.number)
+        job = self.api.get_job(context.namespace, job_name)
         if job is None:
-            if status.get("jobName"):
+            if status.get("jobName") == job_name:  # deleted under it: the trial is stopped
                 report = RunReport(
                     RunStatus.KILLED,
                     context.config.search.metric,
                     message="its Job was deleted before it finished",
                 )
-                self._finish(campaign, context, trial, row, Ending(report, "JobDeleted"))
+                steps.record_run(row, run.number, report)
+                verdict = engine.Verdict(False, "killed: its Job was deleted", "killed")
+                self._publish(context, trial, steps.finish(row, verdict), "JobDeleted")
+                self.campaigns.advance(campaign, context)
             else:
-                self._create_job(context, trial)
+                self._create_job(context, steps, trial, row, run)
             return
         state = job_state(job)
         if state.finished:
-            pods = self.api.list_pods(context.namespace, f"{TRIAL_LABEL}={name}")
+            pods = self.api.list_pods(context.namespace, run_pods(name, run.number))
             ending = trial_ending(state, pods, context.config.search.metric)
-            self._finish(campaign, context, trial, row, ending)
+            steps.record_run(row, run.number, ending.report)
+            self.api.patch_trial_status(context.namespace, name, {"reason": ending.reason})
+            refreshed = self.api.get_trial(context.namespace, name)
+            if refreshed is not None:
+                self._sync(campaign, context, refreshed)  # judge it: another run, or done
         elif state.phase != status.get("phase"):
             patch: dict[str, object] = {"phase": str(state.phase)}
             if state.phase is TrialPhase.RUNNING and not status.get("startTime"):
                 patch["startTime"] = timestamp(self.clock())
             self.api.patch_trial_status(context.namespace, name, patch)
             self.metrics.set_phase("Trial", context.namespace, name, str(state.phase))
-            post(trial, str(state.phase), f"Job {name} is {state.phase}")
+            post(trial, str(state.phase), f"Job {job_name} is {state.phase}")
 
-    def _create_job(self, context: CampaignContext, trial: Manifest) -> None:
-        spec = TrialSpec.model_validate(trial["spec"])
+    def _create_job(
+        self,
+        context: CampaignContext,
+        steps: TrialSteps,
+        trial: Manifest,
+        row: TrialRecord,
+        run: RunRecord,
+    ) -> None:
         name = trial["metadata"]["name"]
-        config = context.config
-        launch = TrialLaunch(
-            name=name,
-            repo=context.repo_url,
-            commit=spec.commit,
-            command=config.execution.command,
-            time_budget_seconds=config.execution.time_budget_seconds,
-            max_wall_time_seconds=config.max_trial_wall_time,
-            metric_name=config.search.metric,
-            metric_pattern=config.search.metric_pattern,
-            env=config.execution.env,
-        )
+        launch = steps.launch(row, run, context.repo_url, {})
         template = context.spec.trial_template
         manifests = trial_job(
             launch,
@@ -153,96 +205,95 @@ class TrialController:
             self.api.create(manifests.service)
         self.api.create(manifests.job)
         phase = TrialPhase.QUEUED if template.queue_name else TrialPhase.PENDING
-        self.api.patch_trial_status(context.namespace, name, {"phase": str(phase), "jobName": name})
+        status = {"phase": str(phase), "jobName": launch.name, **_runs_status(row)}
+        self.api.patch_trial_status(context.namespace, name, status)
         self.metrics.set_phase("Trial", context.namespace, name, str(phase))
-        post(trial, "JobCreated", f"Job {name} created")
-
-    def _finish(
-        self,
-        campaign: Manifest,
-        context: CampaignContext,
-        trial: Manifest,
-        row: TrialRecord,
-        ending: Ending,
-    ) -> None:
-        store = self.opener.stores.get()
-        report = ending.report
-        best = engine.best_kept(
-            [r.view() for r in store.trials(context.record.id)], context.objective
-        )
-        outcome = engine.Outcome(str(report.status), report.metric, report.peak_vram_mb)
-        decision = engine.decide(
-            context.objective, outcome, best.metric if best else None, row.is_baseline
-        )
-        try:
-            row = store.finish_trial(
-                row.id, report, kept=decision.kept, decision_reason=decision.reason
-            )
-            duration = (row.finished_at or self.clock()) - row.created_at
-            self.metrics.trial_duration.labels(row.status).observe(duration.total_seconds())
-        except TrialNotRunningError:
-            recorded = store.get_trial(context.record.id, row.number)
-            assert recorded is not None
-            row = recorded
-        self._advance_branch(context, store)
-        self._publish(context, trial, row, ending.reason)
-        self.campaigns.advance(campaign, context)
-
-    def _advance_branch(self, context: CampaignContext, store: Store) -> None:
-        best = engine.best_kept(
-            [r.view() for r in store.trials(context.record.id)], context.objective
-        )
-        context.workspace.advance(best.commit if best else context.record.config["baseline_commit"])
+        which = f" (run {run.number}, seed {run.seed})" if run.number > 1 else ""
+        post(trial, "JobCreated", f"Job {launch.name} created{which}")
 
     def _publish(
-        self, context: CampaignContext, trial: Manifest, row: TrialRecord, reason: str
+        self, context: CampaignContext, trial: Manifest, row: TrialRecord, reason: str = ""
     ) -> None:
-        phase = PHASE_OF_STATUS[RunStatus(row.status)]
+        phase = PHASE_OF_STATUS[row.status]
         decision = Decision.KEPT if row.kept else Decision.REVERTED
+        old = trial.get("status") or {}
         status = {
             "phase": str(phase),
-            "metric": row.metric,
             "metrics": row.metrics,
             "decision": str(decision),
             "completionTime": timestamp(row.finished_at or self.clock()),
-            "reason": reason or _REASON_OF_STATUS[row.status],
-            "message": row.message or row.decision_reason,
+            "reason": reason or old.get("reason") or _REASON_OF_STATUS[row.status],
+            "message": _why(row),
+            **_runs_status(row),
         }
         name = trial["metadata"]["name"]
         self.api.patch_trial_status(context.namespace, name, status)
         self.metrics.set_phase("Trial", context.namespace, name, str(phase))
         value = "-" if row.metric is None else f"{row.metric:.6f}"
+        spread = f" ± {row.metric_sd:.6f} (n={row.run_count})" if row.run_count > 1 else ""
         metric = context.config.search.metric
-        text = f"{row.status}, {metric}={value}: {decision} ({row.decision_reason})"
-        if row.status != "success" and row.message:
-            text += f": {row.message}"
+        text = f"{row.status}, {metric}={value}{spread}: {decision} ({_why(row)})"
         post(
             trial,
             str(decision),
             text,
-            warning=row.status != "success",
+            warning=row.status not in ("success", "pruned"),
             status=row.status,
             metric=row.metric,
+            metric_sd=row.metric_sd,
+            runs=row.run_count,
             decision=str(decision),
         )
 
 
+def _why(row: TrialRecord) -> str:
+    """The verdict's reason and, for a trial that did not succeed, what its last run said."""
+    if row.status == "success" or not row.message:
+        return row.decision_reason
+    return f"{row.decision_reason}: {row.message}"
+
+
+def _going(row: TrialRecord) -> RunRecord | None:
+    return next((run for run in row.runs if run.status == "running"), None)
+
+
+def _runs_status(row: TrialRecord) -> dict[str, Any]:
+    """What the Trial shows of its runs: how many ended, their mean and spread so far."""
+    values = row.view().values()
+    measured = engine.stats(values)
+    return {
+        "runs": sum(1 for run in row.runs if run.view().counted),
+        "metric": None if measured is None else measured.mean,
+        "metricSd": None if measured is None or measured.n < 2 else measured.sd,
+    }
+
+
+@dataclass(frozen=True)
+class ProgressSource:
+    """A running trial's run whose log is followed, and what says when to prune it."""
+
+    trial_name: str
+    trial: TrialRecord
+    run: int
+    pod: str
+    pruner: Pruner
+
+
 class ProgressFollower:
-    """Reads a running trial's log into its progress rows, one read per call."""
+    """Reads the log of a running trial's run into its progress rows, one read per call."""
 
     def __init__(self, trials: TrialController, namespace: str, name: str, interval: float):
         self.trials = trials
         self.namespace = namespace
         self.name = name
         self.interval = interval
-        self._source: tuple[int, str] | None = None
+        self._source: ProgressSource | None = None
         self._since: int | None = None  # the first read takes the whole log
 
     def read(self) -> None:
         self._source = self._source or self.trials.progress_source(self.namespace, self.name)
         if self._source is None:
             return
-        trial_id, pod = self._source
-        self.trials.record_progress(self.namespace, pod, trial_id, self._since)
+        self.trials.record_progress(self.namespace, self._source, self._since)
         # Overlapping reads: progress rows upsert by step.
         self._since = int(self.interval * 3) + 1

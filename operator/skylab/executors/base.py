@@ -8,9 +8,16 @@ from dataclasses import dataclass, field
 from skylab_trainer.report import RunReport
 
 
+def run_name(trial: str, run: int) -> str:
+    """A run's name (its Job's, its folder's): the trial's for the first, then -r2, -r3..."""
+    return trial if run == 1 else f"{trial}-r{run}"
+
+
 @dataclass(frozen=True)
 class TrialLaunch:
-    name: str  # deterministic: <campaign>-<NNNN>
+    """One run of a trial."""
+
+    trial: str  # deterministic: <campaign>-<NNNN>
     repo: str  # URL or path the trainer fetches the commit from
     commit: str
     command: str
@@ -19,6 +26,15 @@ class TrialLaunch:
     metric_name: str
     metric_pattern: str
     env: Mapping[str, str] = field(default_factory=dict)
+    run: int = 1
+
+    @property
+    def name(self) -> str:
+        return run_name(self.trial, self.run)
+
+
+class StopRun(Exception):  # a request, not an error
+    """Raised by a line callback: stop this run now (it is being pruned)."""
 
 
 class TrialInterrupted(Exception):

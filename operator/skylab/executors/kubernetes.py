@@ -19,6 +19,7 @@ from skylab.executors.base import TrialLaunch
 Manifest = dict[str, Any]
 CAMPAIGN_LABEL = "skylab.dev/campaign"
 TRIAL_LABEL = "skylab.dev/trial"
+RUN_LABEL = "skylab.dev/run"  # which run of the trial a Job and its pods are
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 COMPLETION_INDEX = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
@@ -95,7 +96,7 @@ def trial_job(
 ) -> TrialJob:
     """The Job (and Service) of one trial, owned by OWNER (the Trial's ownerReference)."""
     name = launch.name
-    labels = {CAMPAIGN_LABEL: campaign, TRIAL_LABEL: name}
+    labels = {CAMPAIGN_LABEL: campaign, TRIAL_LABEL: launch.trial, RUN_LABEL: str(launch.run)}
     job_labels = dict(labels)
     if template.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = template.queue_name
@@ -316,7 +317,7 @@ def _headless_service(
         "metadata": _metadata(name, namespace, labels, owner),
         "spec": {
             "clusterIP": "None",
-            "selector": {TRIAL_LABEL: name},
+            "selector": {TRIAL_LABEL: labels[TRIAL_LABEL], RUN_LABEL: labels[RUN_LABEL]},
             "publishNotReadyAddresses": True,  # rank 0 must resolve before it is ready
             "ports": [{"name": "rendezvous", "port": MASTER_PORT}],
         },

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from skylab.executors.base import TrialInterrupted, TrialLaunch
+from skylab.executors.base import StopRun, TrialInterrupted, TrialLaunch
 from skylab_trainer.report import RunReport, RunStatus
 
 # Seconds the trainer waits between SIGTERM and SIGKILL of the training process group.
@@ -23,7 +23,10 @@ class LocalExecutor:
         return self.runs_dir / launch.name
 
     def run(self, launch: TrialLaunch, on_line: Callable[[str], None]) -> RunReport:
-        """Run one trial to its end; raise TrialInterrupted on Ctrl-C or SIGTERM."""
+        """Run one run of a trial to its end; raise TrialInterrupted on Ctrl-C or SIGTERM.
+
+        ON_LINE sees every output line; when it raises StopRun the run is stopped there.
+        """
         run_dir = self.run_dir(launch)
         run_dir.mkdir(parents=True, exist_ok=True)
         report_path = run_dir / "report.json"
@@ -74,6 +77,8 @@ class LocalExecutor:
             for line in trainer.stdout:
                 on_line(line.rstrip("\n"))
             trainer.wait()
+        except StopRun:
+            _stop(trainer)  # the report says killed; the caller knows why
         except KeyboardInterrupt:
             interrupted = True
             _stop(trainer)

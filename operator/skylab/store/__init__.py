@@ -1,10 +1,12 @@
-"""The store remembers: campaigns, trials and their progress, in PostgreSQL."""
+"""The store remembers: campaigns, trials, their runs and progress, in PostgreSQL."""
 
 from skylab.store.db import (
     CampaignExistsError,
     CampaignRecord,
     CampaignState,
     Direction,
+    RunNotRunningError,
+    RunRecord,
     Store,
     TrialNotRunningError,
     TrialRecord,
@@ -16,6 +18,8 @@ __all__ = [
     "CampaignRecord",
     "CampaignState",
     "Direction",
+    "RunNotRunningError",
+    "RunRecord",
     "Store",
     "TrialNotRunningError",
     "TrialRecord",

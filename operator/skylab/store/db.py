@@ -1,4 +1,4 @@
-"""The store: campaigns, their trials and the trials' progress, in PostgreSQL.
+"""The store: campaigns, their trials, the trials' runs and their progress, in PostgreSQL.
 
 Every public method runs in a transaction of its own: it commits as a whole or, on
 any error, rolls back and leaves no half-written row. A Store wraps one connection;
@@ -20,12 +20,12 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from skylab.engine import Status, TrialView
+from skylab.engine import RunView, Status, TrialView, Verdict, stats
 from skylab.errors import UserError
 from skylab.store.migrate import migrate
 from skylab.strategies.base import PastTrial, Skipped, Usage
 from skylab_trainer.progress import Progress
-from skylab_trainer.report import RunReport
+from skylab_trainer.report import RunReport, RunStatus
 
 CampaignState = Literal["running", "succeeded", "stopped", "failed", "interrupted"]
 Direction = Literal["minimize", "maximize"]
@@ -38,6 +38,10 @@ class CampaignExistsError(UserError):
 
 class TrialNotRunningError(RuntimeError):
     """The trial was already finished: its outcome and decision are recorded once."""
+
+
+class RunNotRunningError(RuntimeError):
+    """The run was already finished: its report is recorded once."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,28 @@ class CampaignRecord:
 
 
 @dataclass(frozen=True)
+class RunRecord:
+    """One execution of a trial's command."""
+
+    trial_id: int
+    number: int
+    seed: int | None
+    status: Status
+    metric: float | None
+    metrics: dict[str, float]
+    peak_vram_mb: float | None
+    exit_code: int | None
+    duration_seconds: float | None
+    message: str
+    log_tail: str
+    started_at: datetime
+    finished_at: datetime | None
+
+    def view(self) -> RunView:
+        return RunView(self.number, self.status, self.metric, self.peak_vram_mb)
+
+
+@dataclass(frozen=True)
 class TrialRecord:
     id: int
     campaign_id: int
@@ -73,8 +99,10 @@ class TrialRecord:
     kept: bool | None  # None while running
     decision_reason: str
     metric_name: str | None  # None while running
-    metric: float | None
-    metrics: dict[str, float]
+    metric: float | None  # the mean of its successful runs
+    metric_sd: float | None  # their sample standard deviation (0 for one run)
+    run_count: int  # runs that ended on their own (interrupted ones are not counted)
+    metrics: dict[str, float]  # of its last run
     peak_vram_mb: float | None
     exit_code: int | None
     duration_seconds: float | None
@@ -84,6 +112,7 @@ class TrialRecord:
     created_at: datetime
     started_at: datetime
     finished_at: datetime | None
+    runs: tuple[RunRecord, ...] = ()  # in run order
 
     def view(self) -> TrialView:
         """The trial as the engine sees it."""
@@ -94,7 +123,11 @@ class TrialRecord:
             commit=self.commit,
             metric=self.metric,
             kept=self.kept,
+            runs=tuple(run.view() for run in self.runs),
         )
+
+    def run(self, number: int) -> RunRecord | None:
+        return next((run for run in self.runs if run.number == number), None)
 
     def past(self) -> PastTrial:
         """The trial as strategies see it."""
@@ -117,7 +150,8 @@ def _columns(names: Sequence[str]) -> sql.Composable:
 
 
 _CAMPAIGN = _columns([f.name for f in fields(CampaignRecord)])
-_TRIAL = _columns([f.name for f in fields(TrialRecord)] + ["cost_usd"])
+_TRIAL = _columns([f.name for f in fields(TrialRecord) if f.name != "runs"] + ["cost_usd"])
+_RUN = _columns([f.name for f in fields(RunRecord)])
 _NO_USAGE = Usage()  # a proposal that called no model
 _ORDER: dict[Direction, sql.SQL] = {"minimize": sql.SQL("ASC"), "maximize": sql.SQL("DESC")}
 
@@ -309,30 +343,12 @@ class Store:
         with self._transaction() as cursor:
             return _trial(_one(cursor.execute(query, values)))
 
-    def finish_trial(
-        self, trial_id: int, report: RunReport, kept: bool, decision_reason: str
-    ) -> TrialRecord:
-        """Record a running trial's outcome and the keep-or-revert decision, once."""
-        query = sql.SQL(
-            "UPDATE trials SET status = %s, kept = %s, decision_reason = %s,"
-            " metric_name = %s, metric = %s, metrics = %s, peak_vram_mb = %s,"
-            " exit_code = %s, duration_seconds = %s, message = %s, log_tail = %s,"
-            " finished_at = now() WHERE id = %s RETURNING {}"
-        ).format(_TRIAL)
-        values = (
-            str(report.status),
-            kept,
-            decision_reason,
-            report.metric_name,
-            _finite(report.metric),
-            Jsonb({name: v for name, v in report.metrics.items() if math.isfinite(v)}),
-            _finite(report.peak_vram_mb),
-            report.exit_code,
-            report.duration_seconds,
-            report.message,
-            report.log_tail,
-            trial_id,
-        )
+    def finish_trial(self, trial_id: int, verdict: Verdict, metric_name: str) -> TrialRecord:
+        """Record a running trial's verdict, once, with what its runs add up to.
+
+        Its metric is the mean of its successful runs, metric_sd their spread; the exit
+        code, message, log tail and metrics are its last counted run's.
+        """
         with self._transaction() as cursor:
             # The row lock makes a second, concurrent finisher wait and then see our status.
             current = cursor.execute(
@@ -344,14 +360,128 @@ class Store:
                 raise TrialNotRunningError(
                     f"trial #{current['number']} already finished as {current['status']}"
                 )
-            return _trial(_one(cursor.execute(query, values)))
+            runs = self._runs(cursor, [trial_id]).get(trial_id, [])
+            counted = [run for run in runs if run.view().counted]
+            last = counted[-1] if counted else (runs[-1] if runs else None)
+            measured = stats([run.metric for run in counted if run.metric is not None])
+            # Only successes are kept, and only on their metric: a failed trial shows none.
+            success = verdict.status == "success" and measured is not None
+            query = sql.SQL(
+                "UPDATE trials SET status = %s, kept = %s, decision_reason = %s,"
+                " metric_name = %s, metric = %s, metric_sd = %s, run_count = %s,"
+                " metrics = %s, peak_vram_mb = %s, exit_code = %s, duration_seconds = %s,"
+                " message = %s, log_tail = %s, finished_at = now() WHERE id = %s RETURNING {}"
+            ).format(_TRIAL)
+            values = (
+                verdict.status,
+                verdict.kept,
+                verdict.reason,
+                metric_name,
+                measured.mean if success and measured else None,
+                measured.sd if success and measured else None,
+                len(counted),
+                Jsonb(last.metrics if last else {}),
+                max(
+                    (run.peak_vram_mb for run in runs if run.peak_vram_mb is not None), default=None
+                ),
+                last.exit_code if last else None,
+                math.fsum(run.duration_seconds or 0.0 for run in runs) if runs else None,
+                last.message if last else "",
+                last.log_tail if last else "",
+                trial_id,
+            )
+            row = _one(cursor.execute(query, values))
+            return _trial(row, tuple(runs))
+
+    # Runs
+
+    def start_run(self, trial_id: int, number: int, seed: int | None) -> RunRecord:
+        """Record run NUMBER of a trial as running now; if it is recorded already, that run."""
+        with self._transaction() as cursor:
+            cursor.execute(
+                "INSERT INTO runs (trial_id, number, seed) VALUES (%s, %s, %s)"
+                " ON CONFLICT (trial_id, number) DO NOTHING",
+                (trial_id, number, seed),
+            )
+            row = cursor.execute(
+                sql.SQL("SELECT {} FROM runs WHERE trial_id = %s AND number = %s").format(_RUN),
+                (trial_id, number),
+            ).fetchone()
+        assert row is not None
+        return RunRecord(**row)
+
+    def finish_run(
+        self, trial_id: int, number: int, report: RunReport, *, pruned: str | None = None
+    ) -> RunRecord:
+        """Record a running run's report, once. PRUNED: why it was stopped early, if it was."""
+        status = "pruned" if pruned is not None else str(report.status)
+        query = sql.SQL(
+            "UPDATE runs SET status = %s, metric = %s, metrics = %s, peak_vram_mb = %s,"
+            " exit_code = %s, duration_seconds = %s, message = %s, log_tail = %s,"
+            " finished_at = now() WHERE trial_id = %s AND number = %s RETURNING {}"
+        ).format(_RUN)
+        success = report.status is RunStatus.SUCCESS and pruned is None
+        values = (
+            status,
+            _finite(report.metric) if success else None,
+            Jsonb({name: v for name, v in report.metrics.items() if math.isfinite(v)}),
+            _finite(report.peak_vram_mb),
+            report.exit_code,
+            report.duration_seconds,
+            pruned if pruned is not None else report.message,
+            report.log_tail,
+            trial_id,
+            number,
+        )
+        with self._transaction() as cursor:
+            current = cursor.execute(
+                "SELECT status FROM runs WHERE trial_id = %s AND number = %s FOR UPDATE",
+                (trial_id, number),
+            ).fetchone()
+            if current is None:
+                raise LookupError(f"no run {number} of trial {trial_id}")
+            if current["status"] != "running":
+                raise RunNotRunningError(f"run {number} already finished as {current['status']}")
+            return RunRecord(**_one(cursor.execute(query, values)))
+
+    def mark_running_runs_killed(self, campaign_id: int, message: str) -> list[tuple[int, int]]:
+        """End the runs a dead driver left running; return (trial number, run number) of each.
+
+        Their trials stay undecided: they go on with another run.
+        """
+        with self._transaction() as cursor:
+            rows = cursor.execute(
+                "UPDATE runs SET status = 'killed', message = %s, finished_at = now()"
+                " FROM trials WHERE runs.trial_id = trials.id AND trials.campaign_id = %s"
+                " AND runs.status = 'running' RETURNING trials.number, runs.number AS run",
+                (message, campaign_id),
+            ).fetchall()
+        return sorted((row["number"], row["run"]) for row in rows)
+
+    def _runs(
+        self, cursor: psycopg.Cursor[Row], trial_ids: list[int]
+    ) -> dict[int, list[RunRecord]]:
+        query = sql.SQL(
+            "SELECT {} FROM runs WHERE trial_id = ANY(%s) ORDER BY trial_id, number"
+        ).format(_RUN)
+        found: dict[int, list[RunRecord]] = {}
+        for row in cursor.execute(query, (trial_ids,)):
+            run = RunRecord(**row)
+            found.setdefault(run.trial_id, []).append(run)
+        return found
 
     def mark_running_trials_killed(self, campaign_id: int, message: str) -> list[int]:
-        """End the trials a dead driver left running; return their numbers.
+        """End the trials left running, and their runs; return the trials' numbers.
 
         Their duration stays unknown: the driver died at some point before this call.
         """
         with self._transaction() as cursor:
+            cursor.execute(
+                "UPDATE runs SET status = 'killed', message = %s, finished_at = now()"
+                " FROM trials WHERE runs.trial_id = trials.id AND trials.campaign_id = %s"
+                " AND runs.status = 'running'",
+                (message, campaign_id),
+            )
             rows = cursor.execute(
                 "UPDATE trials SET status = 'killed', kept = false,"
                 " decision_reason = 'interrupted before it finished', message = %s,"
@@ -367,7 +497,9 @@ class Store:
             _TRIAL
         )
         with self._transaction() as cursor:
-            return [_trial(row) for row in cursor.execute(query, (campaign_id,))]
+            rows = cursor.execute(query, (campaign_id,)).fetchall()
+            runs = self._runs(cursor, [row["id"] for row in rows])
+        return [_trial(row, tuple(runs.get(row["id"], ()))) for row in rows]
 
     def get_trial(self, campaign_id: int, number: int) -> TrialRecord | None:
         query = sql.SQL("SELECT {} FROM trials WHERE campaign_id = %s AND number = %s").format(
@@ -375,7 +507,8 @@ class Store:
         )
         with self._transaction() as cursor:
             row = cursor.execute(query, (campaign_id, number)).fetchone()
-        return None if row is None else _trial(row)
+            runs = self._runs(cursor, [row["id"]]) if row is not None else {}
+        return None if row is None else _trial(row, tuple(runs.get(row["id"], ())))
 
     def best_trial(self, campaign_id: int, direction: Direction) -> TrialRecord | None:
         """The kept trial with the best metric; the earliest wins a tie.
@@ -389,26 +522,28 @@ class Store:
         ).format(_TRIAL, _ORDER[direction])
         with self._transaction() as cursor:
             row = cursor.execute(query, (campaign_id,)).fetchone()
-        return None if row is None else _trial(row)
+            runs = self._runs(cursor, [row["id"]]) if row is not None else {}
+        return None if row is None else _trial(row, tuple(runs.get(row["id"], ())))
 
     # Progress
 
-    def add_progress(self, trial_id: int, items: Sequence[Progress]) -> None:
-        """Record progress lines; a step seen again replaces the earlier values."""
+    def add_progress(self, trial_id: int, run: int, items: Sequence[Progress]) -> None:
+        """Record progress lines of a run; a step seen again replaces the earlier values."""
         if not items:
             return
         with self._transaction() as cursor:
             cursor.executemany(
                 "INSERT INTO trial_progress"
-                " (trial_id, step, loss, tokens_per_second, percent_done, seconds_left)"
-                " VALUES (%s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (trial_id, step) DO UPDATE SET loss = excluded.loss,"
+                " (trial_id, run, step, loss, tokens_per_second, percent_done, seconds_left)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (trial_id, run, step) DO UPDATE SET loss = excluded.loss,"
                 " tokens_per_second = excluded.tokens_per_second,"
                 " percent_done = excluded.percent_done, seconds_left = excluded.seconds_left,"
                 " recorded_at = now()",
                 [
                     (
                         trial_id,
+                        run,
                         item.step,
                         item.loss,
                         item.tokens_per_second,
@@ -419,13 +554,13 @@ class Store:
                 ],
             )
 
-    def progress(self, trial_id: int) -> list[Progress]:
-        """The trial's progress, in step order."""
+    def progress(self, trial_id: int, run: int = 1) -> list[Progress]:
+        """The progress of a trial's run, in step order."""
         with self._transaction() as cursor:
             rows = cursor.execute(
                 "SELECT step, loss, tokens_per_second, percent_done, seconds_left"
-                " FROM trial_progress WHERE trial_id = %s ORDER BY step",
-                (trial_id,),
+                " FROM trial_progress WHERE trial_id = %s AND run = %s ORDER BY step",
+                (trial_id, run),
             ).fetchall()
         return [Progress(**row) for row in rows]
 
@@ -444,9 +579,9 @@ def _one(cursor: psycopg.Cursor[Row]) -> Row:
     return row
 
 
-def _trial(row: Row) -> TrialRecord:
+def _trial(row: Row, runs: tuple[RunRecord, ...] = ()) -> TrialRecord:
     usage = Usage(**row.pop("usage"), cost_usd=row.pop("cost_usd"))
-    return TrialRecord(**row, usage=usage)
+    return TrialRecord(**row, usage=usage, runs=runs)
 
 
 def _finite(value: float | None) -> float | None:
