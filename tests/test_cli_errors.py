@@ -59,6 +59,17 @@ def _fails_cleanly(capsys: pytest.CaptureFixture[str], home: Path, *args: str) -
             lambda t: t.replace("time_budget_seconds = 1", "time_budget_seconds = -5"),
             "execution.time_budget_seconds",
         ),
+        (
+            lambda t: t.replace('noise = "off"', "baseline_runs = 0"),
+            "decision.baseline_runs: Input should be greater than or equal to 1",
+        ),
+        (
+            lambda t: t.replace('noise = "off"', "confirm_runs = -1"),
+            "decision.confirm_runs: Input should be greater than or equal to 0",
+        ),
+        (lambda t: t.replace('noise = "off"', "z = 0"), "decision.z: Input should be greater"),
+        (lambda t: t.replace('noise = "off"', "z = true"), "decision.z: Input should be a valid"),
+        (lambda t: t.replace('noise = "off"', 'noise = "on"'), "decision.noise: Input should be"),
     ],
 )
 def test_invalid_experiment_toml(

@@ -128,10 +128,18 @@ _DELETE = object()
         ("spec.experiment.bundled", "Not_A_Name"),
         ("spec.strategy.sweep.parameters", {}),
         ("spec.suspend", "yes"),
+        ("spec.decision.baselineRuns", 0),
+        ("spec.decision.confirmRuns", -1),
+        ("spec.decision.z", 0),
+        ("spec.decision.noise", "on"),
+        ("spec.decision.pruneGrace", 1.5),
     ],
 )
 def test_schema_refuses_bad_campaigns(path: str, value: Any) -> None:
     assert _errors(CAMPAIGN, _with(path, value)), f"{path}={value!r} was accepted"
+    if path.startswith("spec.decision"):  # and the operator's own reading, naming the field
+        with pytest.raises(ValueError, match=re.escape(path.removeprefix("spec."))):
+            CampaignSpec.model_validate(_with(path, value)["spec"])
 
 
 def _rules_at(schema: dict[str, Any], *keys: str) -> list[str]:

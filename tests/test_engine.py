@@ -242,6 +242,10 @@ BASELINE_CURVES = [_curve(5.5, 4.5, 3.9, 3.6, 3.4), _curve(5.3, 4.3, 3.8, 3.5, 3
         (_curve(9.0, 9.0), False),  # within the grace share (30%): never pruned
         (_curve(5.0, 4.0, 3.6, 3.3, 3.19), False),  # within the best's spread
         (_curve(5.0, 4.0, 3.6, 3.3, 3.21), True),  # above the best by more than the spread
+        # behind by 0.4 at 50%, but it was 0.6 at 40%: at that pace it catches up
+        (_curve(8.0, 6.0, 4.6, 3.9, 3.5), False),
+        # behind by 0.4 and closing only 0.05 a tenth: it would still be behind at the end
+        (_curve(8.0, 6.0, 4.6, 3.75, 3.5), True),
         (_curve(5.0, 4.0, 3.69), False),  # at 30%: the best's 3.6 plus the spread 0.1
         (_curve(5.0, 4.0, 3.71), True),
     ],

@@ -17,7 +17,7 @@ from tests.scripted_model import Proposals, call, done, last_user_text, set_cons
 from tests.toy_experiment import skylab
 
 from skylab.cli import main
-from skylab.store import Store
+from skylab.store import Store, TrialRecord
 
 # Minutes of real training on a small machine: more than the default per-test timeout.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -50,6 +50,23 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+def check_noise_aware_decisions(trials: list[TrialRecord]) -> None:
+    """Each candidate ran once and was reverted (its first run did not beat the best's
+    mean), or ran three times and was decided on its mean, with the numbers said."""
+    best = trials[0]
+    for trial in trials[1:]:
+        assert trial.metric is not None and best.metric is not None
+        if trial.run_count == 1:
+            assert not trial.kept and trial.metric >= best.metric, trial
+            assert "reverted without confirmation" in trial.decision_reason
+        else:
+            assert trial.run_count == 3, trial
+            assert trial.decision_reason.startswith("kept: " if trial.kept else "not kept: ")
+            assert f"(n=3) against the best's {best.metric:.6f}" in trial.decision_reason
+            assert "sigma=" in trial.decision_reason
+        best = trial if trial.kept else best
+
+
 def test_a_sweep_of_the_real_experiment(tmp_path: Path, home: Path, database_url: str) -> None:
     ran = skylab(
         "run",
@@ -79,14 +96,18 @@ def test_a_sweep_of_the_real_experiment(tmp_path: Path, home: Path, database_url
         assert [t.description for t in trials] == ["baseline", "MATRIX_LR=0.01"]
         baseline = trials[0]
         assert baseline.kept and baseline.metric is not None and 0 < baseline.metric < 13
-        # each candidate is kept iff it beats the best value before it
-        best = baseline.metric
+        # the baseline ran 3 times, seeded apart; its mean and spread are the reference
+        assert [(r.number, r.seed, r.status) for r in baseline.runs] == [
+            (1, 42, "success"),
+            (2, 43, "success"),
+            (3, 44, "success"),
+        ]
+        assert baseline.metric_sd is not None and baseline.metric_sd > 0
+        assert f"{baseline.metric:.6f} ± {baseline.metric_sd:.6f} (n=3)" in ran.stderr
+        check_noise_aware_decisions(trials)
         for trial in trials[1:]:
-            assert trial.metric is not None
-            assert trial.kept == (trial.metric < best), trial
-            best = min(best, trial.metric) if trial.kept else best
             assert "+MATRIX_LR = " in trial.diff
-        assert store.progress(baseline.id), "no progress series recorded"
+        assert store.progress(baseline.id, 3), "no progress series recorded"
         assert baseline.metrics["num_steps"] > 0
 
     export = tmp_path / "results.tsv"
@@ -151,12 +172,8 @@ def test_an_llm_campaign_of_the_real_experiment(
         "MATRIX_LR 0.04 -> 0.02",
         "WARMDOWN_RATIO 0.5 -> 0.3",
     ]
-    best = trials[0].metric
-    assert best is not None
+    check_noise_aware_decisions(trials)
     for trial in trials[1:]:
-        assert trial.metric is not None
-        assert trial.kept == (trial.metric < best), trial
-        best = trial.metric if trial.kept else best
         assert trial.usage.output_tokens > 0 and trial.usage.cost_usd > 0
     assert "+MATRIX_LR = 0.02" in trials[1].diff
     assert "+WARMDOWN_RATIO = 0.3" in trials[2].diff and "(0.3" not in trials[2].diff

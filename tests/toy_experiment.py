@@ -10,27 +10,32 @@ import textwrap
 from pathlib import Path
 
 TRAIN_PY = '''\
-"""Toy training script: val_bpb = (LR - 0.3) ** 2 + 1, after SLEEP seconds."""
+"""Toy training script: val_bpb = (LR - 0.3) ** 2 + 1 (+ NOISE, seeded), after SLEEP s."""
 import os
+import random
 import time
 
 LR = 0.1  # the swept constant
 MODE = "ok"  # ok | crash | nometric | hang
 SLEEP = 0.5  # seconds of "training"
+NOISE = 0.0  # run-to-run spread of val_bpb, drawn from SKYLAB_SEED
+LOSS_OFFSET = 0.0  # added to the training loss: a run that trains worse throughout
 
+seed = os.environ.get("SKYLAB_SEED", "0")
 for step in range(1, 4):
-    print(f"step {step:05d} | loss {4.0 / step:.6f} | done {step * 33.3:.1f}% | left 1s",
-          flush=True)
+    print(f"step {step:05d} | loss {4.0 / step + LOSS_OFFSET:.6f} | done {step * 33.3:.1f}%"
+          " | left 1s", flush=True)
     time.sleep(SLEEP / 3)
-if str(LR) == os.environ.get("TOY_SLOW_LR"):
-    time.sleep(60)  # lets a test interrupt this trial
+slow = str(LR) == os.environ.get("TOY_SLOW_LR")
+if slow and os.environ.get("TOY_SLOW_SEED", seed) == seed:
+    time.sleep(60)  # lets a test interrupt this trial (this run of it)
 if MODE == "crash":
     raise RuntimeError("boom: the toy model diverged")
 if MODE == "hang":
     time.sleep(3600)
 if MODE != "nometric":
     print("---")
-    print(f"val_bpb:          {(LR - 0.3) ** 2 + 1:.6f}")
+    print(f"val_bpb:          {(LR - 0.3) ** 2 + 1 + NOISE * random.Random(seed).gauss(0, 1):.6f}")
     print("peak_vram_mb:     0.0")
 '''
 

@@ -299,6 +299,10 @@ class CurvePoint:
     loss: float
 
 
+# How far back a run's gap to the best is compared with, to tell whether it is closing.
+PRUNE_WINDOW = 0.1
+
+
 def prune_reason(
     policy: NoisePolicy,
     curve: Sequence[CurvePoint],
@@ -307,29 +311,51 @@ def prune_reason(
 ) -> str | None:
     """Why a running run should be stopped now (None: let it run).
 
-    Past the grace share of the budget, a run whose training loss is above the best
-    kept trial's (the mean of its runs' curves) by more than the spread of the
-    baseline runs' curves at the same share cannot be expected to catch up.
+    Past the grace share of the budget, a run is stopped when its training loss is above
+    the best kept trial's (the mean of its runs' curves) by more than the spread of the
+    baseline runs' curves at the same share, and would still be if its gap went on
+    closing at the pace of the last PRUNE_WINDOW of the budget: a change that only
+    learns slower at first (a lower learning rate) catches up and is left to finish.
     """
     if not policy.prune or not policy.aware or not curve or len(baseline_curves) < 2:
         return None
     latest = curve[-1]
+    earlier = latest.fraction - PRUNE_WINDOW
     if latest.fraction < policy.prune_grace or not math.isfinite(latest.loss):
         return None
-    references = [_at(points, latest.fraction) for points in best_curves]
-    spread_points = [_at(points, latest.fraction) for points in baseline_curves]
-    known = [value for value in references if value is not None]
-    spreads = [value for value in spread_points if value is not None]
-    if not known or len(spreads) < 2:
+    now = _gap(latest.fraction, latest.loss, best_curves, baseline_curves)
+    before_loss = _at(curve, earlier)
+    before = (
+        None if before_loss is None else _gap(earlier, before_loss, best_curves, baseline_curves)
+    )
+    if now is None or before is None:
         return None
-    reference = math.fsum(known) / len(known)
-    spread = max(max(spreads) - min(spreads), policy.sigma_floor)
-    if latest.loss <= reference + spread:
+    gap, reference, spread = now
+    spread = max(spread, policy.sigma_floor)
+    closing = max(before[0] - gap, 0.0) / PRUNE_WINDOW  # per share of the budget
+    projected = gap - closing * (1 - latest.fraction)
+    if gap <= spread or projected <= spread:
         return None
     return (
         f"loss {latest.loss:.4f} at {latest.fraction:.0%} of the budget is above the best's "
-        f"{reference:.4f} by more than the baseline runs' spread {spread:.4f}"
+        f"{reference:.4f} by more than the baseline runs' spread {spread:.4f}, and at its "
+        f"pace would still be at the end ({projected:+.4f})"
     )
+
+
+def _gap(
+    fraction: float,
+    loss: float,
+    best_curves: Sequence[Sequence[CurvePoint]],
+    baseline_curves: Sequence[Sequence[CurvePoint]],
+) -> tuple[float, float, float] | None:
+    """LOSS above the best's at FRACTION, the best's loss there and the baseline's spread."""
+    known = [v for v in (_at(points, fraction) for points in best_curves) if v is not None]
+    spreads = [v for v in (_at(points, fraction) for points in baseline_curves) if v is not None]
+    if not known or len(spreads) < 2:
+        return None
+    reference = math.fsum(known) / len(known)
+    return loss - reference, reference, max(max(spreads) - min(spreads), 0.0)
 
 
 def _at(points: Sequence[CurvePoint], fraction: float) -> float | None:
