@@ -234,6 +234,13 @@ def _curve(*losses: float) -> list[CurvePoint]:
 
 BEST_CURVES = [_curve(5.0, 4.0, 3.5, 3.2, 3.0), _curve(5.2, 4.2, 3.7, 3.4, 3.2)]  # mean 3.1 at 50%
 BASELINE_CURVES = [_curve(5.5, 4.5, 3.9, 3.6, 3.4), _curve(5.3, 4.3, 3.8, 3.5, 3.3)]  # spread 0.1
+ONE_SPREAD = NoisePolicy(prune_margin=1.0)
+
+
+@pytest.mark.parametrize(("loss", "pruned"), [(3.39, False), (3.41, True)])
+def test_by_default_a_run_is_pruned_only_three_spreads_behind(loss: float, pruned: bool) -> None:
+    curve = _curve(5.0, 4.0, 3.7, loss + 0.005, loss)  # at 50%: the best's 3.1 + 3 x 0.1
+    assert (prune_reason(AWARE, curve, BEST_CURVES, BASELINE_CURVES) is not None) is pruned
 
 
 @pytest.mark.parametrize(
@@ -253,7 +260,7 @@ BASELINE_CURVES = [_curve(5.5, 4.5, 3.9, 3.6, 3.4), _curve(5.3, 4.3, 3.8, 3.5, 3
 def test_a_run_whose_loss_trails_the_best_by_more_than_the_baseline_spread_is_pruned(
     curve: list[CurvePoint], pruned: bool
 ) -> None:
-    reason = prune_reason(AWARE, curve, BEST_CURVES, BASELINE_CURVES)
+    reason = prune_reason(ONE_SPREAD, curve, BEST_CURVES, BASELINE_CURVES)
     assert (reason is not None) is pruned, reason
     if reason is not None:
         assert "of the budget" in reason

@@ -9,7 +9,7 @@ The file follows this layout (every section but [experiment], [search] and
     [execution]   command, time_budget_seconds, env
     [constraints] max_vram_gb, max_trial_wall_time, max_consecutive_failures
     [decision]    noise, baseline_runs, confirm_runs, z, sigma_floor, prune,
-                  prune_grace, first_seed
+                  prune_grace, prune_margin, first_seed
     [prepare]     command, args, ready_marker
     [strategy.sweep] / [strategy.llm]
     [profiles.NAME]   overrides of any table above, plus
@@ -144,6 +144,7 @@ class DecisionSection(_Section):
     sigma_floor: float = Field(default=0.001, ge=0)
     prune: bool = True
     prune_grace: float = Field(default=0.3, ge=0, le=1)
+    prune_margin: float = Field(default=3.0, gt=0)
     # Run k of every trial trains with seed first_seed + k - 1 (SKYLAB_SEED): trials are
     # compared on the same seeds.
     first_seed: int = Field(default=42, ge=0)
@@ -157,6 +158,7 @@ class DecisionSection(_Section):
             sigma_floor=self.sigma_floor,
             prune=self.prune,
             prune_grace=self.prune_grace,
+            prune_margin=self.prune_margin,
         )
 
     def seed(self, run_index: int) -> int:

@@ -72,6 +72,10 @@ class NoisePolicy:
     prune: bool = True
     # The share of the training budget a run gets before it may be pruned.
     prune_grace: float = 0.3
+    # How far behind the best a run must be to be pruned, in baseline spreads: the
+    # ranking of training losses mid-run is a rough guide (a learning-rate change can
+    # trail until the warmdown and then win), so only a run far behind is stopped.
+    prune_margin: float = 3.0
 
     @property
     def runs_of_baseline(self) -> int:
@@ -312,8 +316,9 @@ def prune_reason(
     """Why a running run should be stopped now (None: let it run).
 
     Past the grace share of the budget, a run is stopped when its training loss is above
-    the best kept trial's (the mean of its runs' curves) by more than the spread of the
-    baseline runs' curves at the same share, and would still be if its gap went on
+    the best kept trial's (the mean of its runs' curves) by more than prune_margin times
+    the spread of the baseline runs' curves at the same share, and would still be if its
+    gap went on
     closing at the pace of the last PRUNE_WINDOW of the budget: a change that only
     learns slower at first (a lower learning rate) catches up and is left to finish.
     """
@@ -331,15 +336,15 @@ def prune_reason(
     if now is None or before is None:
         return None
     gap, reference, spread = now
-    spread = max(spread, policy.sigma_floor)
+    allowed = policy.prune_margin * max(spread, policy.sigma_floor)
     closing = max(before[0] - gap, 0.0) / PRUNE_WINDOW  # per share of the budget
     projected = gap - closing * (1 - latest.fraction)
-    if gap <= spread or projected <= spread:
+    if gap <= allowed or projected <= allowed:
         return None
     return (
         f"loss {latest.loss:.4f} at {latest.fraction:.0%} of the budget is above the best's "
-        f"{reference:.4f} by more than the baseline runs' spread {spread:.4f}, and at its "
-        f"pace would still be at the end ({projected:+.4f})"
+        f"{reference:.4f} by more than {policy.prune_margin:g} baseline spreads "
+        f"({allowed:.4f}), and at its pace would still be at the end ({projected:+.4f})"
     )
 
 

@@ -197,6 +197,7 @@ class DecisionSpec(ApiModel):
     sigma_floor: float | None = Field(default=None, ge=0)
     prune: bool | None = Field(default=None, description="stop runs that cannot catch up")
     prune_grace: float | None = Field(default=None, ge=0, le=1)
+    prune_margin: float | None = Field(default=None, gt=0, description="in baseline spreads")
 
 
 class BudgetSpec(ApiModel):
