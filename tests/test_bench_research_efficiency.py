@@ -138,19 +138,25 @@ def test_noise_off_runs_every_trial_once(bench: ModuleType) -> None:
     assert campaign.pruned_trials == 0
 
 
-def test_a_slow_starting_gain_is_pruned_at_the_grace_share(bench: ModuleType) -> None:
+def test_a_clear_harm_is_pruned_at_the_grace_share_and_a_slow_start_is_not(
+    bench: ModuleType,
+) -> None:
     policy = engine.NoisePolicy()
-    experiment = bench.Experiment(effects=((0.0, -0.03),), slow_starts=((0.0, 0.1),))
+    # value 1: a clear harm; value 2: a gain that trains worse at first, then catches up
+    experiment = bench.Experiment(effects=((0.0, 0.3, -0.03),), slow_starts=((0.0, 0.0, 0.5),))
     rng = random.Random(0)
 
     def run(point: tuple[int, ...], best: list[Any]) -> Any:
         return bench.simulate_run(experiment, point, 1, 0.0, rng, policy, best, best)
 
     baseline = [run((0,), []).curve for _ in range(2)]
-    outcome = run((1,), baseline)
-    assert outcome.run == engine.RunView(1, "pruned")
-    assert outcome.fraction == pytest.approx(policy.prune_grace)
-    assert len(outcome.curve) == round(policy.prune_grace * 20)
+    harmed = run((1,), baseline)
+    assert harmed.run == engine.RunView(1, "pruned")
+    assert harmed.fraction == pytest.approx(policy.prune_grace)
+    assert len(harmed.curve) == round(policy.prune_grace * 20)
+    slow = run((2,), baseline)
+    assert slow.run == engine.RunView(1, "success", pytest.approx(0.97)), "its gap closes"
+    assert slow.fraction == 1.0
     assert run((0,), baseline).run == engine.RunView(1, "success", 1.0)
 
 
