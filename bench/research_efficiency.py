@@ -380,7 +380,7 @@ def run_configurations(
 ) -> list[Summary]:
     """The four configurations, the third sized from the first's executions."""
     experiments = experiments_for(campaigns, seed)
-    aware = engine.NoisePolicy()
+    aware = engine.NoisePolicy(prune=True)
     off = engine.NoisePolicy(aware=False)
 
     def one(config: Config) -> Summary:

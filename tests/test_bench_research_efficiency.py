@@ -108,7 +108,7 @@ def test_the_driver_runs_a_trial_again_exactly_when_judge_says_so(
         return answers[-1]
 
     monkeypatch.setattr(bench.engine, "judge", judge)
-    policy = engine.NoisePolicy()
+    policy = engine.NoisePolicy(prune=True)
     config = bench.Config("aware", policy, 40)
     experiment = bench.draw_experiment(random.Random("driver"))
     campaign = bench.run_campaign(experiment, config, 0.015, "driver")
@@ -141,7 +141,7 @@ def test_noise_off_runs_every_trial_once(bench: ModuleType) -> None:
 def test_a_clear_harm_is_pruned_at_the_grace_share_and_a_slow_start_is_not(
     bench: ModuleType,
 ) -> None:
-    policy = engine.NoisePolicy()
+    policy = engine.NoisePolicy(prune=True)
     # value 1: a clear harm; value 2: a gain that trains worse at first, then catches up
     experiment = bench.Experiment(effects=((0.0, 0.3, -0.03),), slow_starts=((0.0, 0.0, 0.5),))
     rng = random.Random(0)

@@ -61,6 +61,7 @@ PRUNING = """
 [decision]
 baseline_runs = 2
 confirm_runs = 0
+prune = true
 """
 
 

@@ -36,7 +36,7 @@ MAX = Objective("maximize")
 
 OFF = NoisePolicy(aware=False)
 SIGMA = Spread(0.01)  # a sigma taken as known: z is not widened
-AWARE = NoisePolicy()  # 3 baseline runs, 2 confirmation runs, z = 2
+AWARE = NoisePolicy(prune=True)  # 3 baseline runs, 2 confirmation runs, z = 2
 
 
 def _run(status: str, metric: float | None = None, vram: float | None = None) -> RunView:
@@ -234,7 +234,7 @@ def _curve(*losses: float) -> list[CurvePoint]:
 
 BEST_CURVES = [_curve(5.0, 4.0, 3.5, 3.2, 3.0), _curve(5.2, 4.2, 3.7, 3.4, 3.2)]  # mean 3.1 at 50%
 BASELINE_CURVES = [_curve(5.5, 4.5, 3.9, 3.6, 3.4), _curve(5.3, 4.3, 3.8, 3.5, 3.3)]  # spread 0.1
-ONE_SPREAD = NoisePolicy(prune_margin=1.0)
+ONE_SPREAD = NoisePolicy(prune=True, prune_margin=1.0)
 
 
 @pytest.mark.parametrize(("loss", "pruned"), [(3.39, False), (3.41, True)])
@@ -269,7 +269,7 @@ def test_a_run_whose_loss_trails_the_best_by_more_than_the_baseline_spread_is_pr
 def test_no_pruning_when_off_or_without_a_baseline_spread() -> None:
     late = _curve(9.0, 9.0, 9.0, 9.0, 9.0)
     assert prune_reason(AWARE, late, BEST_CURVES, BASELINE_CURVES) is not None
-    assert prune_reason(NoisePolicy(prune=False), late, BEST_CURVES, BASELINE_CURVES) is None
+    assert prune_reason(NoisePolicy(), late, BEST_CURVES, BASELINE_CURVES) is None  # opt-in
     assert prune_reason(OFF, late, BEST_CURVES, BASELINE_CURVES) is None
     assert prune_reason(AWARE, late, BEST_CURVES, BASELINE_CURVES[:1]) is None
 

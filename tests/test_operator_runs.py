@@ -55,6 +55,7 @@ noise = "aware"
 baseline_runs = 3
 confirm_runs = 2
 first_seed = 42
+prune = true
 """
 # Trial 1 (baseline) ~1.00; trial 2 does not beat it on its first run; trial 3 does, by
 # far more than the noise, on all three.

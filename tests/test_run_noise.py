@@ -42,8 +42,8 @@ def campaign_trials(url: str, tag: str) -> list[TrialRecord]:
         return store.trials(campaign.id)
 
 
-def setup(tmp_path: Path, grid: str = GRID) -> tuple[Path, Path]:
-    experiment = write_toy_experiment(tmp_path / "toy", grid, extra=NOISY, decision=AWARE)
+def setup(tmp_path: Path, grid: str = GRID, decision: str = AWARE) -> tuple[Path, Path]:
+    experiment = write_toy_experiment(tmp_path / "toy", grid, extra=NOISY, decision=decision)
     home = tmp_path / "home"
     mark_prepared(home)
     return experiment, home
@@ -146,7 +146,7 @@ def test_a_run_that_trains_worse_throughout_is_pruned(tmp_path: Path, database_u
 [strategy.sweep.parameters.LOSS_OFFSET]
 values = [3.0]
 """
-    experiment, home = setup(tmp_path, offset)
+    experiment, home = setup(tmp_path, offset, AWARE + "prune = true\n")
     args = ["run", str(experiment), "--profile", "noisy", "--home", str(home)]
     result = skylab(*args, "--database-url", database_url, "--tag", "p", "--max-trials", "2")
     assert result.returncode == 0, result.stderr

@@ -142,7 +142,7 @@ class DecisionSection(_Section):
     confirm_runs: int = Field(default=2, ge=0)
     z: float = Field(default=2.0, gt=0)
     sigma_floor: float = Field(default=0.001, ge=0)
-    prune: bool = True
+    prune: bool = False  # early stopping, opt-in: see NoisePolicy
     prune_grace: float = Field(default=0.3, ge=0, le=1)
     prune_margin: float = Field(default=3.0, gt=0)
     # Run k of every trial trains with seed first_seed + k - 1 (SKYLAB_SEED): trials are

@@ -69,7 +69,10 @@ class NoisePolicy:
     z: float = 2.0
     # The least run-to-run spread assumed: a few identical draws do not make noise vanish.
     sigma_floor: float = 0.001
-    prune: bool = True
+    # Early stopping is opt-in: mid-run training loss is a rough guide to the end (a
+    # learning-rate change can trail until the warmdown and then win), and a run pruned
+    # wrongly is a gain lost without a trace, where a run not pruned only costs time.
+    prune: bool = False
     # The share of the training budget a run gets before it may be pruned.
     prune_grace: float = 0.3
     # How far behind the best a run must be to be pruned, in baseline spreads: the
