@@ -86,7 +86,7 @@ def test_a_tool_use_conversation_becomes_a_proposal(tmp_path: Path, server: Fake
     assert "LR = 0.1  # the swept constant" in first["messages"][0]["content"][0]["text"]
     # The view's result went back to the model, numbered.
     [viewed] = tool_results(requests[1])
-    assert not viewed["is_error"] and "     5\tLR = 0.1" in viewed["content"]
+    assert not viewed["is_error"] and "     6\tLR = 0.1" in viewed["content"]
     # Usage is the sum over the three turns, priced at Sonnet's list price.
     # Every prompt ends in a breakpoint: its tokens are cache writes and reads.
     assert found.usage.output_tokens > 0
@@ -190,7 +190,7 @@ def test_a_syntax_error_goes_back_to_the_model(tmp_path: Path, server: FakeAnthr
     assert found.description == "LR 0.2, fixed"
     compile(found.edits[0].content, "train.py", "exec")
     feedback = last_user_text(server.messages_requests()[2].body)
-    assert "train.py does not compile" in feedback and "line 5" in feedback
+    assert "train.py does not compile" in feedback and "line 6" in feedback
 
 
 def test_no_change_is_asked_again_then_skipped(tmp_path: Path, server: FakeAnthropic) -> None:

@@ -324,9 +324,8 @@ def test_a_trial_round_trips_every_field(store: Store, database_url: str) -> Non
         )
 
     _runs(store, started.id, report(0.99, 45060.2, 302.5), report(0.98, 45100.0, 301.0))
-    interrupted = store.start_run(started.id, 3, seed=44)
+    store.start_run(started.id, 3, seed=44)
     assert store.mark_running_runs_killed(campaign.id, "skylab stopped") == [(2, 3)]
-    _ = interrupted
     store.start_run(started.id, 4, seed=44)
     store.finish_run(started.id, 4, report(0.97, 45000.0, 300.0))
     finished = store.finish_trial(started.id, _verdict(True, "kept: 0.98 ± 0.01 (n=3)"), "val_bpb")
