@@ -94,16 +94,21 @@ async def schedule_job(kube: KubeEmulator, name: str) -> str:
             "spec": {"containers": [{"name": "trainer", "image": "trainer"}]},
         },
     )
-    waiting = {"waiting": {"reason": "ContainerCreating"}}
-    await patch_status(
-        kube,
-        PODS,
-        NAMESPACE,
-        pod,
-        {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": waiting}]},
-    )
-    await patch_status(kube, JOBS, NAMESPACE, name, {"active": 1, "ready": 0})
+    await _pod_and_job(kube, pod, name, "Pending", {"waiting": {"reason": "ContainerCreating"}})
     return pod
+
+
+async def _pod_and_job(
+    kube: KubeEmulator, pod: str, job: str, phase: str, state: dict[str, Any]
+) -> None:
+    """The pod's phase and trainer container state, then the Job's counts as the Job
+    controller derives them: active either way, ready once the container runs."""
+    containers = [{"name": "trainer", "state": state}]
+    await patch_status(
+        kube, PODS, NAMESPACE, pod, {"phase": phase, "containerStatuses": containers}
+    )
+    ready = 1 if phase == "Running" else 0
+    await patch_status(kube, JOBS, NAMESPACE, job, {"active": 1, "ready": ready})
 
 
 def job_pods(kube: KubeEmulator, name: str) -> list[str]:
@@ -123,15 +128,9 @@ async def start_job(kube: KubeEmulator, name: str, log: str = "") -> None:
     pods = job_pods(kube, name)
     pod = pods[-1] if pods else await schedule_job(kube, name)
     kube.pod_logs[(NAMESPACE, pod)] = log
-    running = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
-    await patch_status(
-        kube,
-        PODS,
-        NAMESPACE,
-        pod,
-        {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": running}]},
+    await _pod_and_job(
+        kube, pod, name, "Running", {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
     )
-    await patch_status(kube, JOBS, NAMESPACE, name, {"active": 1, "ready": 1})
 
 
 async def end_job(kube: KubeEmulator, name: str, outcome: Outcome) -> None:

@@ -134,10 +134,16 @@ async def test_runs_are_jobs_with_their_seeds_and_a_keep_needs_its_confirmations
     kube: KubeEmulator, settings: OperatorSettings, database_url: str
 ) -> None:
     campaign = sweep_campaign("noisy", budget={"maxTrials": 3})
-    async with running_operator(kube, settings), kubelet(kube, run_script=by_run):
+    async with (
+        running_operator(kube, settings) as (operator, _),
+        kubelet(kube, run_script=by_run),
+    ):
         await create(kube, CAMPAIGNS, campaign)
         await eventually(lambda: phase_is(kube, "noisy", "Succeeded"), timeout=SLOW)
+        metrics = operator.metrics.render().decode()
     check_the_campaign(kube, database_url, "noisy")
+    # Each trial's time, counted once, when its verdict is recorded.
+    assert 'skylab_trial_duration_seconds_count{status="success"} 3.0' in metrics
     assert [seed_of(kube, f"noisy-0003{suffix}") for suffix in ("", "-r2", "-r3")] == [
         "42",
         "43",

@@ -1,8 +1,9 @@
 """`skylab run`: the research loop on one machine.
 
 propose -> commit -> train (local executor) -> measure -> keep or revert, one trial
-after another, with every decision taken by `skylab.engine` and every trial
-recorded in PostgreSQL before the next one starts.
+after another, each trial run as many times as `skylab.engine` asks before it decides,
+every step taken by `skylab.trial_steps` and every run recorded in PostgreSQL before
+the next one starts.
 """
 
 from __future__ import annotations

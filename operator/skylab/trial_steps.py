@@ -49,10 +49,14 @@ def end_state(stop: engine.Stop) -> CampaignState:
 
 @dataclass(frozen=True)
 class Settled:
-    """A trial judged: decided (TRIAL is its final record) or needing another run."""
+    """A trial judged: decided (TRIAL is its final record) or needing another run.
+
+    DECIDED_NOW: this call recorded the verdict (not an earlier one, nor another driver).
+    """
 
     judgement: engine.Judgement
     trial: TrialRecord
+    decided_now: bool = False
 
 
 class TrialSteps:
@@ -207,18 +211,22 @@ class TrialSteps:
         )
         if isinstance(judgement, engine.RunAgain):
             return Settled(judgement, trial)
-        return Settled(judgement, self.finish(trial, judgement))
+        return Settled(judgement, *self._record(trial, judgement))
 
     def finish(self, trial: TrialRecord, verdict: engine.Verdict) -> TrialRecord:
         """Record VERDICT once and move the branch to the best kept trial."""
+        return self._record(trial, verdict)[0]
+
+    def _record(self, trial: TrialRecord, verdict: engine.Verdict) -> tuple[TrialRecord, bool]:
         try:
             trial = self.store.finish_trial(trial.id, verdict, self.config.search.metric)
+            now = True
         except TrialNotRunningError:
             recorded = self.store.get_trial(self.campaign.id, trial.number)
             assert recorded is not None
-            trial = recorded
+            trial, now = recorded, False
         self.advance_branch()
-        return trial
+        return trial, now
 
     def advance_branch(self) -> None:
         """The branch follows the database: its head is the best kept trial's commit."""

@@ -145,6 +145,8 @@ class TrialController:
         if run is None:  # every run so far has ended: judge them
             settled = steps.settle(row.number)
             if isinstance(settled.judgement, engine.Verdict):
+                if settled.decided_now:
+                    self._observe(settled.trial)
                 self._publish(context, trial, settled.trial)
                 self.campaigns.advance(campaign, context)
                 return
@@ -160,7 +162,9 @@ class TrialController:
                 )
                 steps.record_run(row, run.number, report)
                 verdict = engine.Verdict(False, "killed: its Job was deleted", "killed")
-                self._publish(context, trial, steps.finish(row, verdict), "JobDeleted")
+                final = steps.finish(row, verdict)
+                self._observe(final)
+                self._publish(context, trial, final, "JobDeleted")
                 self.campaigns.advance(campaign, context)
             else:
                 self._create_job(context, steps, trial, row, run)
@@ -210,6 +214,11 @@ class TrialController:
         self.metrics.set_phase("Trial", context.namespace, name, str(phase))
         which = f" (run {run.number}, seed {run.seed})" if run.number > 1 else ""
         post(trial, "JobCreated", f"Job {launch.name} created{which}")
+
+    def _observe(self, row: TrialRecord) -> None:
+        """A decided trial's time, from its creation to its verdict, into the histogram."""
+        duration = (row.finished_at or self.clock()) - row.created_at
+        self.metrics.trial_duration.labels(row.status).observe(duration.total_seconds())
 
     def _publish(
         self, context: CampaignContext, trial: Manifest, row: TrialRecord, reason: str = ""
