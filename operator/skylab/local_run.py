@@ -21,7 +21,7 @@ from skylab import engine
 from skylab.config import ExperimentConfig
 from skylab.console import Console
 from skylab.errors import UserError
-from skylab.executors.base import StopRun, TrialInterrupted
+from skylab.executors.base import StopRun, TrialInterrupted, trial_name
 from skylab.executors.local import LocalExecutor
 from skylab.experiments import baseline_files
 from skylab.home import Home
@@ -281,7 +281,7 @@ class _Loop:
         )
 
     def _label(self, number: int) -> str:
-        return f"{self.campaign.name}-{number:04d}"
+        return trial_name(self.campaign.name, number)
 
     def _stop(self, stop: engine.Stop) -> CampaignRecord:
         status = end_state(stop)

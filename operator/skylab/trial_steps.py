@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from skylab import engine
 from skylab.config import ExperimentConfig
-from skylab.executors.base import TrialLaunch
+from skylab.executors.base import TrialLaunch, trial_name
 from skylab.store.db import (
     CampaignRecord,
     CampaignState,
@@ -160,7 +160,8 @@ class TrialSteps:
         if run.seed is not None:
             seeded[SEED_VARIABLE] = str(run.seed)
         return TrialLaunch(
-            trial=f"{self._short_name()}-{trial.number:04d}",
+            # The operator's records are NAMESPACE/NAME; its trials are named after NAME.
+            trial=trial_name(self.campaign.name.rsplit("/", 1)[-1], trial.number),
             run=run.number,
             repo=repo,
             commit=trial.commit,
@@ -171,10 +172,6 @@ class TrialSteps:
             metric_pattern=config.search.metric_pattern,
             env=seeded,
         )
-
-    def _short_name(self) -> str:
-        # The operator's records are NAMESPACE/NAME; its trials are named after NAME.
-        return self.campaign.name.rsplit("/", 1)[-1]
 
     def record_run(
         self, trial: TrialRecord, number: int, report: RunReport, pruned: str | None = None
@@ -211,13 +208,20 @@ class TrialSteps:
         )
         if isinstance(judgement, engine.RunAgain):
             return Settled(judgement, trial)
-        return Settled(judgement, *self._record(trial, judgement))
+        return Settled(judgement, *self._record(trial, judgement, trials))
 
     def finish(self, trial: TrialRecord, verdict: engine.Verdict) -> TrialRecord:
         """Record VERDICT once and move the branch to the best kept trial."""
         return self._record(trial, verdict)[0]
 
-    def _record(self, trial: TrialRecord, verdict: engine.Verdict) -> tuple[TrialRecord, bool]:
+    def _record(
+        self,
+        trial: TrialRecord,
+        verdict: engine.Verdict,
+        trials: Sequence[TrialRecord] | None = None,
+    ) -> tuple[TrialRecord, bool]:
+        """Record VERDICT; TRIALS, the campaign's as read just before, saves reading them
+        again to find the best. True: this call recorded it."""
         try:
             trial = self.store.finish_trial(trial.id, verdict, self.config.search.metric)
             now = True
@@ -225,12 +229,13 @@ class TrialSteps:
             recorded = self.store.get_trial(self.campaign.id, trial.number)
             assert recorded is not None
             trial, now = recorded, False
-        self.advance_branch()
+        after = None if trials is None else [trial if t.id == trial.id else t for t in trials]
+        self.advance_branch(after)
         return trial, now
 
-    def advance_branch(self) -> None:
+    def advance_branch(self, trials: Sequence[TrialRecord] | None = None) -> None:
         """The branch follows the database: its head is the best kept trial's commit."""
-        best = self.best(self.trials())
+        best = self.best(self.trials() if trials is None else trials)
         self.workspace.advance(best.commit if best else self.baseline_commit)
 
     # Early stopping

@@ -33,6 +33,7 @@ from skylab.controller.events import post
 from skylab.controller.kubeapi import KubeApi, Manifest
 from skylab.controller.metrics import Metrics
 from skylab.controller.sources import CampaignSetupError
+from skylab.executors.base import trial_name
 from skylab.executors.kubernetes import CAMPAIGN_LABEL, TRIAL_LABEL
 from skylab.store import Store
 from skylab.store.db import CampaignState, TrialRecord
@@ -59,10 +60,6 @@ _RECORD_STATUS: dict[CampaignPhase, CampaignState] = {
     CampaignPhase.SUCCEEDED: "succeeded",
     CampaignPhase.FAILED: "failed",
 }
-
-
-def trial_name(campaign: str, number: int) -> str:
-    return f"{campaign}-{number:04d}"
 
 
 def timestamp(moment: datetime) -> str:

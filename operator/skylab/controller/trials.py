@@ -10,7 +10,7 @@ is recorded; it never runs or decides anything twice.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -35,7 +35,7 @@ from skylab.executors.base import run_name
 from skylab.executors.kubernetes import RUN_LABEL, TRIAL_LABEL, trial_job
 from skylab.store.db import RunRecord, TrialRecord
 from skylab.trial_steps import Pruner, TrialSteps
-from skylab_trainer.progress import parse_progress
+from skylab_trainer.progress import Progress, parse_progress
 from skylab_trainer.report import RunReport, RunStatus
 
 _REASON_OF_STATUS = {
@@ -92,27 +92,26 @@ class TrialController:
         pod = reporting_pod(self.api.list_pods(namespace, run_pods(name, run.number)))
         if pod is None:
             return None
-        return ProgressSource(name, row, run.number, pod["metadata"]["name"], steps.pruner(row))
+        pruner = steps.pruner(row)
+        return ProgressSource(spec.campaign, name, row, run.number, pod["metadata"]["name"], pruner)
 
     def record_progress(self, namespace: str, source: ProgressSource, since: int | None) -> None:
         """Store the progress lines of the run's pod log (of the last SINCE seconds); stop
         the run when it cannot catch up with the best."""
         log = self.api.pod_log(namespace, source.pod, since)
         items = [p for p in map(parse_progress, log.splitlines()) if p is not None]
-        store = self.opener.stores.get()
-        store.add_progress(source.trial.id, source.run, items)
+        self.opener.stores.get().add_progress(source.trial.id, source.run, items)
         if not items or not source.pruner.best_curves:
             return
-        reason = source.pruner.check(store.progress(source.trial.id, source.run))
+        # Reads overlap: the same step seen again replaces what was read of it.
+        source.seen.update((item.step, item) for item in items)
+        reason = source.pruner.check([source.seen[step] for step in sorted(source.seen)])
         if reason is not None:
             self._prune(namespace, source, reason)
 
     def _prune(self, namespace: str, source: ProgressSource, reason: str) -> None:
-        campaign = TrialSpec.model_validate(
-            (self.api.get_trial(namespace, source.trial_name) or {}).get("spec") or {}
-        ).campaign
-        with self.campaigns.locks.hold(namespace, campaign):
-            opened = self._open(namespace, campaign)
+        with self.campaigns.locks.hold(namespace, source.campaign):
+            opened = self._open(namespace, source.campaign)
             if opened is None:
                 return
             report = RunReport(RunStatus.KILLED, opened[1].config.search.metric, message=reason)
@@ -281,11 +280,13 @@ def _runs_status(row: TrialRecord) -> dict[str, Any]:
 class ProgressSource:
     """A running trial's run whose log is followed, and what says when to prune it."""
 
+    campaign: str
     trial_name: str
     trial: TrialRecord
     run: int
     pod: str
     pruner: Pruner
+    seen: dict[int, Progress] = field(default_factory=dict)  # its progress so far, by step
 
 
 class ProgressFollower:

@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from skylab_trainer.report import RunReport
 
 
+def trial_name(campaign: str, number: int) -> str:
+    """A trial's name: its campaign's, then its number."""
+    return f"{campaign}-{number:04d}"
+
+
 def run_name(trial: str, run: int) -> str:
     """A run's name (its Job's, its folder's): the trial's for the first, then -r2, -r3..."""
     return trial if run == 1 else f"{trial}-r{run}"
