@@ -3,8 +3,10 @@
 A simulated driver runs whole campaigns through the real decision code of
 `skylab.engine` (`next_action`, `judge`, `pooled_sigma`, `best_kept`, `prune_reason`)
 the way the local driver does: start the baseline, ask the strategy for a change on
-top of the best kept point, run a trial once more while `judge` says RunAgain, record
-its verdict, until `next_action` says Stop. Only train.py is simulated.
+top of the best kept point, start each run `next_action` asks for (a trial's next run,
+or the best's, measured again), judge a trial after each of its runs and again after
+each run of the best it waits for, until `next_action` says Stop. Only train.py is
+simulated.
 
 The synthetic experiment. train.py has five module-level constants with 4, 4, 3, 5 and
 4 allowed values; value 0 of each is the baseline's. A point's true metric (val_bpb-like,
@@ -33,12 +35,14 @@ The strategy is a random sweep: each proposal changes ONE constant of the parent
 another of its values, drawn at random among the parent's neighbours not tried yet in
 the campaign (among all of them when every one was tried).
 
-Four configurations run the same --campaigns experiments (seeds --seed, --seed + 1, ...):
-noise-aware with pruning, noise-aware without pruning, `noise = "off"` at as many trials
-as the first configuration's mean executions, and `noise = "off"` at --trials trials.
+Every configuration runs the same --campaigns experiments (seeds --seed, --seed + 1,
+...) with the same budget, --hours of runs of --budget-seconds each (8 h of 300 s
+runs: 96 runs), as a user gives a campaign hours: noise-aware at the defaults, the
+same with pruning on, the same at z = 2, and `noise = "off"`. A campaign's clock counts
+the runs' shares of the budget, so pruning buys more trials.
 
     .venv/bin/python bench/research_efficiency.py
-    .venv/bin/python bench/research_efficiency.py --noise 0.03 --campaigns 48
+    .venv/bin/python bench/research_efficiency.py --campaigns 400 --hours 16 --noise 0.03
 
 It prints a Markdown table, also written to $OUT/research_efficiency.md when OUT is set.
 It needs only the standard library and skylab.engine.
@@ -188,9 +192,13 @@ def propose(experiment: Experiment, parent: Point, tried: set[Point], rng: rando
 
 @dataclass(frozen=True)
 class Config:
+    """One way of deciding, run for BUDGET_RUNS whole training budgets (and at most
+    TRIALS trials, when given), as a user gives a campaign hours."""
+
     name: str
     policy: engine.NoisePolicy
-    trials: int
+    budget_runs: float
+    trials: int | None = None
 
 
 @dataclass
@@ -203,6 +211,7 @@ class Campaign:
     curves: dict[int, list[Curve]] = field(default_factory=dict)
     executions: int = 0
     budget_used: float = 0.0  # in whole training budgets
+    budget_saved: float = 0.0  # the unspent share of pruned runs, in whole budgets
     true_keeps: int = 0
     false_keeps: int = 0
     pruned_trials: int = 0
@@ -227,11 +236,13 @@ def decided(trials: Sequence[engine.TrialView]) -> list[engine.TrialView]:
     return [trial for trial in trials if trial.status != "running"]
 
 
-def start_trial(campaign: Campaign, number: int, point: Point, is_baseline: bool) -> None:
+def start_trial(campaign: Campaign, number: int, point: Point, parent: str | None) -> None:
     commit = str(number)
     campaign.points[commit] = point
     campaign.curves[number] = []
-    campaign.trials.append(engine.TrialView(number, "running", is_baseline, commit))
+    campaign.trials.append(
+        engine.TrialView(number, "running", parent is None, commit, parent=parent)
+    )
 
 
 def index_of(trials: Sequence[engine.TrialView], number: int) -> int:
@@ -243,9 +254,15 @@ def curves_of(campaign: Campaign, trial: engine.TrialView | None) -> list[Curve]
 
 
 def run_once(
-    campaign: Campaign, number: int, config: Config, noise: float, rng: random.Random
+    campaign: Campaign,
+    number: int,
+    config: Config,
+    noise: float,
+    rng: random.Random,
+    limits: engine.CampaignLimits,
 ) -> None:
-    """Run trial NUMBER once more, then record what judge makes of it."""
+    """Run trial NUMBER once more, then record what judge makes of it (the best kept
+    trial, measured again, only takes the run into its mean)."""
     at = index_of(campaign.trials, number)
     trial = campaign.trials[at]
     best = engine.best_kept(decided(campaign.trials), OBJECTIVE)
@@ -265,12 +282,28 @@ def run_once(
     )
     campaign.executions += 1
     campaign.budget_used += outcome.fraction
+    if outcome.run.status == "pruned":
+        campaign.budget_saved += 1.0 - outcome.fraction
     campaign.curves[number].append(outcome.curve)
     trial = dataclasses.replace(trial, runs=(*trial.runs, outcome.run))
-    sigma = engine.pooled_sigma(
-        [*campaign.trials[:at], trial, *campaign.trials[at + 1 :]], config.policy.sigma_floor
-    )
-    judgement = engine.judge(OBJECTIVE, config.policy, trial, best, sigma)
+    if trial.status == "running":
+        campaign.trials[at] = trial
+        decide(campaign, at, config, limits)
+        return
+    # The best, measured again: the trials waiting for it are judged against its new mean.
+    campaign.trials[at] = dataclasses.replace(trial, metric=statistics.fmean(trial.values()))
+    for waiting, other in enumerate(campaign.trials):
+        if other.status == "running" and not other.run_in_flight:
+            decide(campaign, waiting, config, limits)
+
+
+def decide(campaign: Campaign, at: int, config: Config, limits: engine.CampaignLimits) -> None:
+    """Judge the trial at AT, none of its runs going, as the drivers' settle step does."""
+    trial = campaign.trials[at]
+    best = None if trial.is_baseline else engine.best_kept(decided(campaign.trials), OBJECTIVE)
+    sigma = engine.pooled_sigma(campaign.trials, config.policy.sigma_floor)
+    spent = limits.budget_spent(campaign.budget_used)
+    judgement = engine.judge(OBJECTIVE, config.policy, trial, best, sigma, budget_spent=spent)
     if isinstance(judgement, engine.Verdict):
         values = trial.values()
         trial = dataclasses.replace(
@@ -281,7 +314,7 @@ def run_once(
         )
         if best is not None and not trial.is_baseline:
             score(campaign, trial, best)
-    campaign.trials[at] = trial
+        campaign.trials[at] = trial
 
 
 def score(campaign: Campaign, trial: engine.TrialView, best: engine.TrialView) -> None:
@@ -299,24 +332,27 @@ def score(campaign: Campaign, trial: engine.TrialView, best: engine.TrialView) -
 
 
 def run_campaign(experiment: Experiment, config: Config, noise: float, seed: str) -> Campaign:
-    """One campaign of CONFIG on EXPERIMENT, driven by engine.next_action until it stops."""
+    """One campaign of CONFIG on EXPERIMENT, driven by engine.next_action until it stops.
+    Its clock counts whole training budgets: the budget is CONFIG's budget_runs."""
     runs_rng = random.Random(f"{seed}/runs")
     sweep_rng = random.Random(f"{seed}/sweep")
-    limits = engine.CampaignLimits(max_trials=config.trials)
+    limits = engine.CampaignLimits(max_trials=config.trials, budget_seconds=config.budget_runs)
     campaign = Campaign(experiment)
     while True:
-        action = engine.next_action(campaign.trials, limits, OBJECTIVE, elapsed_seconds=0.0)
+        action = engine.next_action(
+            campaign.trials, limits, OBJECTIVE, campaign.budget_used, policy=config.policy
+        )
         if isinstance(action, engine.Stop):
             return campaign
         if isinstance(action, engine.StartBaseline):
-            start_trial(campaign, action.number, experiment.baseline, is_baseline=True)
+            start_trial(campaign, action.number, experiment.baseline, None)
         elif isinstance(action, engine.Propose):
             tried = set(campaign.points.values())
             parent = campaign.points[action.parent_commit]
             point = propose(experiment, parent, tried, sweep_rng)
-            start_trial(campaign, action.number, point, is_baseline=False)
+            start_trial(campaign, action.number, point, action.parent_commit)
         else:
-            run_once(campaign, action.number, config, noise, runs_rng)
+            run_once(campaign, action.number, config, noise, runs_rng, limits)
 
 
 # Many campaigns, summed up.
@@ -329,8 +365,16 @@ class Summary:
     budget_seconds: float
 
     @property
+    def trials(self) -> float:
+        return statistics.fmean([len(c.trials) for c in self.campaigns])
+
+    @property
     def executions(self) -> float:
         return statistics.fmean([c.executions for c in self.campaigns])
+
+    @property
+    def seconds_saved(self) -> float:
+        return statistics.fmean([c.budget_saved * self.budget_seconds for c in self.campaigns])
 
     @property
     def execution_seconds(self) -> float:
@@ -376,31 +420,25 @@ def summarize(
 
 
 def run_configurations(
-    campaigns: int, trials: int, noise: float, seed: int, budget: float
+    campaigns: int, budget_runs: float, noise: float, seed: int, budget: float
 ) -> list[Summary]:
-    """The four configurations, the third sized from the first's executions."""
+    """The configurations, each on the same experiments with the same budget."""
     experiments = experiments_for(campaigns, seed)
-    aware = engine.NoisePolicy(prune=True)
-    off = engine.NoisePolicy(aware=False)
-
-    def one(config: Config) -> Summary:
-        return summarize(config, experiments, noise, seed, budget)
-
-    pruning = one(Config("noise-aware, pruning on", aware, trials))
-    no_pruning = one(
-        Config("noise-aware, pruning off", dataclasses.replace(aware, prune=False), trials)
-    )
-    matched = max(2, round(pruning.executions))
-    same_executions = one(Config("noise off, same executions", off, matched))
-    same_trials = one(Config("noise off, same trials", off, trials))
-    return [pruning, no_pruning, same_executions, same_trials]
+    aware = engine.NoisePolicy()
+    configs = [
+        Config("noise-aware (the default)", aware, budget_runs),
+        Config("noise-aware, pruning on", dataclasses.replace(aware, prune=True), budget_runs),
+        Config("noise-aware, z = 2", dataclasses.replace(aware, z=2.0), budget_runs),
+        Config("noise off", engine.NoisePolicy(aware=False), budget_runs),
+    ]
+    return [summarize(config, experiments, noise, seed, budget) for config in configs]
 
 
 # The report.
 
 COLUMNS = (
     "configuration",
-    "trials",
+    "trials / campaign",
     "executions / campaign",
     "execution-seconds / campaign",
     "true keeps",
@@ -417,7 +455,7 @@ def row(summary: Summary) -> list[str]:
     count = len(summary.campaigns)
     return [
         summary.config.name,
-        str(summary.config.trials),
+        f"{summary.trials:.1f}",
         f"{summary.executions:.1f}",
         f"{summary.execution_seconds:.0f}",
         str(summary.true_keeps),
@@ -437,17 +475,20 @@ def table(summaries: Sequence[Summary]) -> list[str]:
 
 
 def report(summaries: Sequence[Summary], args: argparse.Namespace) -> str:
-    pruning, no_pruning = summaries[0], summaries[1]
-    saved = no_pruning.execution_seconds - pruning.execution_seconds
-    share = saved / no_pruning.execution_seconds if no_pruning.execution_seconds else 0.0
+    default, pruning = summaries[0], summaries[1]
+    saved = pruning.seconds_saved
+    share = saved / pruning.execution_seconds if pruning.execution_seconds else 0.0
     lines = [
-        f"research efficiency: {args.campaigns} campaigns of {args.trials} trials, "
-        f"noise {args.noise:g}, budget {args.budget_seconds:g} s, seed {args.seed}",
+        f"research efficiency: {args.campaigns} campaigns of {args.hours:g} h each "
+        f"({args.hours * 3600 / args.budget_seconds:g} runs of {args.budget_seconds:g} s), "
+        f"noise {args.noise:g}, seed {args.seed}",
         "",
         *table(summaries),
         "",
-        f"early stopping: execution-seconds saved {saved:.0f} per campaign ({share:.0%}), "
-        f"mean regret {pruning.regret:.4f} with pruning vs {no_pruning.regret:.4f} without",
+        f"early stopping: pruned runs left {saved:.0f} execution-seconds per campaign unspent "
+        f"({share:.0%} of the budget), spent on more trials ({pruning.trials:.1f} against "
+        f"{default.trials:.1f}); mean regret {pruning.regret:.4f} with pruning, "
+        f"{default.regret:.4f} without",
     ]
     return "\n".join(lines)
 
@@ -455,9 +496,9 @@ def report(summaries: Sequence[Summary], args: argparse.Namespace) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--campaigns", type=int, default=24)
-    parser.add_argument("--trials", type=int, default=40, help="per campaign, baseline included")
-    parser.add_argument("--noise", type=float, default=0.015, help="run-to-run sd of the metric")
+    parser.add_argument("--hours", type=float, default=8.0, help="each campaign's budget")
     parser.add_argument("--budget-seconds", type=float, default=300.0, help="of one whole run")
+    parser.add_argument("--noise", type=float, default=0.015, help="run-to-run sd of the metric")
     parser.add_argument("--seed", type=int, default=0, help="of the first campaign")
     return parser
 
@@ -465,13 +506,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.campaigns < 1 or args.trials < 2:
-        parser.error("--campaigns must be at least 1 and --trials at least 2")
-    if not args.noise >= 0 or not args.budget_seconds > 0:
-        parser.error("--noise must not be negative and --budget-seconds must be positive")
-    summaries = run_configurations(
-        args.campaigns, args.trials, args.noise, args.seed, args.budget_seconds
-    )
+    if args.campaigns < 1 or not args.budget_seconds > 0:
+        parser.error("--campaigns must be at least 1 and --budget-seconds positive")
+    runs = args.hours * 3600 / args.budget_seconds
+    if not runs >= 2 or not args.noise >= 0:
+        parser.error("--hours must give at least 2 runs and --noise must not be negative")
+    summaries = run_configurations(args.campaigns, runs, args.noise, args.seed, args.budget_seconds)
     text = report(summaries, args)
     print(text)
     out = os.environ.get("OUT")

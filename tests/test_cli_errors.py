@@ -67,6 +67,10 @@ def _fails_cleanly(capsys: pytest.CaptureFixture[str], home: Path, *args: str) -
             lambda t: t.replace('noise = "off"', "confirm_runs = -1"),
             "decision.confirm_runs: Input should be greater than or equal to 0",
         ),
+        (
+            lambda t: t.replace('noise = "off"', "max_runs = 2"),
+            "decision: max_runs must be at least 1 + confirm_runs (3), got 2",
+        ),
         (lambda t: t.replace('noise = "off"', "z = 0"), "decision.z: Input should be greater"),
         (lambda t: t.replace('noise = "off"', "z = true"), "decision.z: Input should be a valid"),
         (lambda t: t.replace('noise = "off"', 'noise = "on"'), "decision.noise: Input should be"),

@@ -36,7 +36,7 @@ MAX = Objective("maximize")
 
 OFF = NoisePolicy(aware=False)
 SIGMA = Spread(0.01)  # a sigma taken as known: z is not widened
-AWARE = NoisePolicy(prune=True)  # 3 baseline runs, 2 confirmation runs, z = 2
+AWARE = NoisePolicy(prune=True)  # the defaults, pruning on
 
 
 def _run(status: str, metric: float | None = None, vram: float | None = None) -> RunView:
@@ -128,8 +128,12 @@ def test_the_baseline_runs_baseline_runs_times(values: list[float], judged: type
         assert result.kept and "1.000000 ± 0.010000 (n=3)" in result.reason
 
 
-# Noise-aware: sigma 0.01, the best's mean 1.0 over 3 runs; keep iff the candidate's mean
-# beats it by more than 2 * 0.01 * sqrt(1/n + 1/3).
+# Noise-aware: sigma 0.01, the best's mean 1.0 over 3 runs, z = 2; at n = 3 against 3 the
+# standard error is 0.01 * sqrt(2/3) = 0.008165: keep iff the gain is above 0.01633, revert
+# iff it is below one standard error, run again in between.
+Z2 = NoisePolicy(z=2.0)
+
+
 @pytest.mark.parametrize(
     ("objective", "values", "best", "expected"),
     [
@@ -141,42 +145,75 @@ def test_the_baseline_runs_baseline_runs_times(values: list[float], judged: type
         (MIN, [0.999], (1.0, 1.0, 1.0), RunAgain),
         (MIN, [0.95], (1.0, 1.0, 1.0), RunAgain),  # even a large gain: never one draw
         (MAX, [1.05], (1.0, 1.0, 1.0), RunAgain),
+        (MIN, [0.95, 0.95], (1.0, 1.0, 1.0), RunAgain),  # nor two
         (MIN, [0.99, 1.0], (1.0, 1.0, 1.0), RunAgain),
-        # n = 3 against n = 3: the gain must exceed 2 * 0.01 * sqrt(2/3) = 0.01633
+        # n = 3: clear, within the noise, or unclear (run again)
         (MIN, [0.98, 0.985, 0.985], (1.0, 1.0, 1.0), True),  # gain 0.01667
-        (MIN, [0.99, 0.98, 0.99], (1.0, 1.0, 1.0), False),  # gain 0.01333: noise explains it
+        (MIN, [0.99, 0.98, 0.99], (1.0, 1.0, 1.0), RunAgain),  # gain 0.01333: unclear
+        (MIN, [0.995, 0.99, 0.995], (1.0, 1.0, 1.0), False),  # gain 0.00667: within one se
         (MAX, [1.02, 1.015, 1.015], (1.0, 1.0, 1.0), True),
-        (MAX, [1.01, 1.02, 1.01], (1.0, 1.0, 1.0), False),
+        (MAX, [1.01, 1.02, 1.01], (1.0, 1.0, 1.0), RunAgain),
+        (MAX, [1.005, 1.01, 1.005], (1.0, 1.0, 1.0), False),
+        # n = 5 against 3: the margin narrows to 2 * 0.01 * sqrt(1/5 + 1/3) = 0.01461
+        (MIN, [0.99, 0.98, 0.99, 0.985, 0.98], (1.0, 1.0, 1.0), True),  # gain 0.015
         # the best is a mean, not its luckiest draw
         (MIN, [0.975, 0.975, 0.975], (0.95, 1.025, 1.025), True),
-        # min_improvement is a second floor
+        # min_improvement is a second floor, and the first-run screen
         (Objective("minimize", 0.03), [0.98, 0.975, 0.975], (1.0, 1.0, 1.0), False),
         (Objective("minimize", 0.03), [0.96, 0.965, 0.965], (1.0, 1.0, 1.0), True),
-        (Objective("minimize", 0.03), [0.975], (1.0, 1.0, 1.0), False),  # screened by the floor
+        (Objective("minimize", 0.03), [0.975], (1.0, 1.0, 1.0), False),
     ],
 )
 def test_the_noise_aware_rule(
     objective: Objective, values: list[float], best: tuple[float, ...], expected: object
 ) -> None:
     trial = _judged([_run("success", v) for v in values], 1.0)
-    result = judge(objective, AWARE, trial, _best(*best), SIGMA)
+    result = judge(objective, Z2, trial, _best(*best), SIGMA)
     if expected is RunAgain:
-        assert isinstance(result, RunAgain)
+        assert isinstance(result, RunAgain), result
         return
     assert isinstance(result, Verdict) and result.kept is expected, result
-    if len(values) == 3:
-        assert "sigma=0.010000" in result.reason and "(n=3)" in result.reason
+    if len(values) >= 3:
+        assert "sigma=0.010000" in result.reason and f"(n={len(values)})" in result.reason
+
+
+def test_an_unclear_trial_runs_until_max_runs_then_is_reverted() -> None:
+    best = _best(1.0, 1.0, 1.0)
+    values = [0.99, 0.98, 0.99]  # gain 0.01333, between one se and the margin
+    policy = NoisePolicy(z=2.0, max_runs=4)
+    assert isinstance(
+        judge(MIN, policy, _judged([_run("success", v) for v in values], 1.0), best, SIGMA),
+        RunAgain,
+    )
+    four = _judged([_run("success", v) for v in [*values, 0.99]], 1.0)  # 0.0125 < 0.01528
+    result = judge(MIN, policy, four, best, SIGMA)
+    assert isinstance(result, Verdict) and not result.kept
+    assert "still unclear after 4 runs" in result.reason
+
+
+def test_a_spent_budget_decides_on_the_runs_there_are() -> None:
+    best = _best(1.0, 1.0, 1.0)
+    unclear = _judged([_run("success", v) for v in (0.99, 0.98, 0.99)], 1.0)
+    result = judge(MIN, Z2, unclear, best, SIGMA, budget_spent=True)
+    assert isinstance(result, Verdict) and not result.kept
+    assert "the budget is spent" in result.reason
+    promising = _judged([_run("success", 0.95)], 1.0)
+    result = judge(MIN, Z2, promising, best, SIGMA, budget_spent=True)
+    assert isinstance(result, Verdict) and not result.kept
+    assert "after 1 of the 3 runs a keep needs" in result.reason
+    clear = _judged([_run("success", v) for v in (0.98, 0.985, 0.985)], 1.0)
+    assert judge(MIN, Z2, clear, best, SIGMA, budget_spent=True).kept  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(("z", "kept"), [(1.0, True), (2.0, False), (3.0, False)])
 def test_z_sets_how_sure_a_keep_must_be(z: float, kept: bool) -> None:
     trial = _judged([_run("success", v) for v in (0.99, 0.985, 0.99)], 1.0)  # gain 0.01167
-    result = judge(MIN, NoisePolicy(z=z), trial, _best(1.0, 1.0, 1.0), SIGMA)
+    result = judge(MIN, NoisePolicy(z=z, max_runs=3), trial, _best(1.0, 1.0, 1.0), SIGMA)
     assert isinstance(result, Verdict) and result.kept is kept
 
 
 def test_no_confirmation_runs_decide_on_one_run_with_the_noise_margin() -> None:
-    policy = NoisePolicy(confirm_runs=0)
+    policy = NoisePolicy(confirm_runs=0, max_runs=1, z=2.0)
     best = _best(1.0, 1.0, 1.0)
     # 2 * 0.01 * sqrt(1 + 1/3) = 0.02309
     keep = judge(MIN, policy, _judged([_run("success", 0.97)], 1.0), best, SIGMA)
@@ -222,8 +259,9 @@ def test_an_underestimated_sigma_early_on_keeps_nothing_noise_explains() -> None
     # of 2.4 sigma-hat would be kept; as t with 3 df (baseline and candidate), it is not.
     trial = _judged([_run("success", v) for v in (0.996, 0.996, 0.996)], 1.0)
     best = _best(1.0, 1.0, 1.0)
-    assert judge(MIN, AWARE, trial, best, Spread(0.002)).kept  # type: ignore[union-attr]
-    result = judge(MIN, AWARE, trial, best, Spread(0.002, 3))
+    policy = NoisePolicy(z=2.0, max_runs=3)
+    assert judge(MIN, policy, trial, best, Spread(0.002)).kept  # type: ignore[union-attr]
+    result = judge(MIN, policy, trial, best, Spread(0.002, 3))
     assert isinstance(result, Verdict) and not result.kept
     assert "as t with 3 df" in result.reason
 
@@ -272,6 +310,11 @@ def test_no_pruning_when_off_or_without_a_baseline_spread() -> None:
     assert prune_reason(NoisePolicy(), late, BEST_CURVES, BASELINE_CURVES) is None  # opt-in
     assert prune_reason(OFF, late, BEST_CURVES, BASELINE_CURVES) is None
     assert prune_reason(AWARE, late, BEST_CURVES, BASELINE_CURVES[:1]) is None
+
+
+def _kept(number: int, metric: float, parent: str | None, runs: int = 3) -> TrialView:
+    values = tuple(RunView(i, "success", metric) for i in range(1, runs + 1))
+    return TrialView(number, "success", parent is None, f"c{number}", metric, True, values, parent)
 
 
 def _trial(
@@ -325,7 +368,7 @@ def test_proposals_branch_from_the_best_kept_trial(
 
 
 def _baseline_then(*statuses: str) -> list[TrialView]:
-    trials = [_trial(1, "success", 1.0, True, baseline=True)]
+    trials = [_kept(1, 1.0, None)]  # its 3 runs done
     for i, status in enumerate(statuses, start=2):
         trials.append(_trial(i, status, 1.1 if status == "success" else None, False))
     return trials
@@ -468,3 +511,51 @@ def test_a_campaign_at_its_limits_still_finishes_its_undecided_trials() -> None:
     trials = [*_baseline_then("success"), _between_runs(3)]
     assert plan(trials, CampaignLimits(max_trials=3), MIN, 0.0) == [NextRun(3)]
     assert plan(trials, CampaignLimits(budget_seconds=1), MIN, 5.0) == [NextRun(3)]
+
+
+# The best kept trial, and measuring it again
+
+
+def test_the_best_is_the_kept_trial_no_kept_trial_stands_on() -> None:
+    # Trial 2 beat the baseline, then measured again its mean rose above the baseline's:
+    # it is still the best (it was kept against the baseline), never the baseline again.
+    trials = [_kept(1, 1.0, None), _kept(2, 1.01, "c1", runs=8)]
+    best = best_kept(trials, MIN)
+    assert best is not None and best.number == 2
+    # Two kept side by side on the same parent (parallel trials): the better mean.
+    trials = [_kept(1, 1.0, None), _kept(2, 0.98, "c1"), _kept(3, 0.97, "c1")]
+    assert best_kept(trials, MIN) == trials[2]
+    assert best_kept(trials, MAX) == trials[1]
+
+
+def _candidate(number: int, runs: int, going: bool = False) -> TrialView:
+    done = tuple(RunView(i, "success", 0.99) for i in range(1, runs + 1))
+    extra = (RunView(runs + 1, "running"),) if going else ()
+    return TrialView(number, "running", False, f"c{number}", runs=done + extra, parent="c1")
+
+
+@pytest.mark.parametrize(
+    ("best_runs", "candidate_runs", "policy", "expected"),
+    [
+        (3, 1, NoisePolicy(), NextRun(2)),  # before run 2 the best needs 2 runs: it has 3
+        (3, 2, NoisePolicy(), NextRun(1)),  # before run 3 it needs 4
+        (4, 2, NoisePolicy(), NextRun(2)),
+        (5, 3, NoisePolicy(), NextRun(1)),
+        (24, 12, NoisePolicy(), NextRun(2)),  # best_runs caps it
+        (6, 5, NoisePolicy(best_runs=6), NextRun(2)),
+        (3, 0, NoisePolicy(), NextRun(2)),  # a trial's first run never waits
+        (3, 2, NoisePolicy(aware=False), NextRun(2)),
+    ],
+)
+def test_the_best_is_measured_again_before_a_trial_s_next_run(
+    best_runs: int, candidate_runs: int, policy: NoisePolicy, expected: NextRun
+) -> None:
+    trials = [_kept(1, 1.0, None, runs=best_runs), _candidate(2, candidate_runs)]
+    assert next_action(trials, CampaignLimits(), MIN, 0.0, policy=policy) == expected
+
+
+def test_trials_waiting_for_the_best_share_one_run_of_it() -> None:
+    trials = [_kept(1, 1.0, None), _candidate(2, 2), _candidate(3, 2)]
+    assert plan(trials, CampaignLimits(), MIN, 0.0, parallelism=2) == [NextRun(1)]
+    going = replace(trials[0], runs=(*trials[0].runs, RunView(4, "running")))
+    assert plan([going, *trials[1:]], CampaignLimits(), MIN, 0.0, parallelism=2) == []

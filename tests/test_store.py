@@ -398,6 +398,32 @@ def test_a_trial_and_each_run_are_finished_once(store: Store) -> None:
         store.finish_run(trial_id, 9, _report())
 
 
+def test_a_kept_trial_measured_again_takes_each_run_into_its_mean_not_its_verdict(
+    store: Store,
+) -> None:
+    campaign = _campaign(store)
+    trial_id = _start(store, campaign.id, 1)
+    _runs(store, trial_id, _report(metric=1.0), _report(metric=1.02), _report(metric=0.98))
+    kept = store.finish_trial(trial_id, _verdict(True, "baseline: 1.0 (n=3)"), "val_bpb")
+    store.start_run(trial_id, 4, seed=45)
+    running = store.get_trial(campaign.id, 1)
+    assert running is not None and running.metric == kept.metric  # a run going adds nothing
+    store.finish_run(trial_id, 4, _report(metric=1.04))
+    store.start_run(trial_id, 5, seed=46)
+    store.finish_run(trial_id, 5, _report(RunStatus.CRASH, None))
+    again = store.get_trial(campaign.id, 1)
+    assert again is not None
+    assert (again.status, again.kept, again.decision_reason) == (
+        "success",
+        True,
+        kept.decision_reason,
+    )
+    assert again.metric == pytest.approx(1.01)  # the mean of its four successful runs
+    assert again.metric_sd == pytest.approx(0.0258199, abs=1e-6)
+    assert again.run_count == 5  # the crash counts as a run, not in the mean
+    assert again.finished_at == kept.finished_at
+
+
 def test_a_pruned_run_keeps_why_and_no_metric(store: Store) -> None:
     campaign = _campaign(store)
     trial_id = _start(store, campaign.id, 2)

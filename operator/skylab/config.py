@@ -140,7 +140,9 @@ class DecisionSection(_Section):
     noise: Literal["aware", "off"] = "aware"
     baseline_runs: int = Field(default=3, ge=1)
     confirm_runs: int = Field(default=2, ge=0)
-    z: float = Field(default=2.0, gt=0)
+    max_runs: int = Field(default=12, ge=1)
+    best_runs: int = Field(default=24, ge=1)
+    z: float = Field(default=2.75, gt=0)
     sigma_floor: float = Field(default=0.001, ge=0)
     prune: bool = False  # early stopping, opt-in: see NoisePolicy
     prune_grace: float = Field(default=0.3, ge=0, le=1)
@@ -149,11 +151,22 @@ class DecisionSection(_Section):
     # compared on the same seeds.
     first_seed: int = Field(default=42, ge=0)
 
+    @model_validator(mode="after")
+    def _room_to_confirm(self) -> DecisionSection:
+        if self.max_runs < 1 + self.confirm_runs:
+            raise ValueError(
+                f"max_runs must be at least 1 + confirm_runs ({1 + self.confirm_runs}),"
+                f" got {self.max_runs}"
+            )
+        return self
+
     def policy(self) -> NoisePolicy:
         return NoisePolicy(
             aware=self.noise == "aware",
             baseline_runs=self.baseline_runs,
             confirm_runs=self.confirm_runs,
+            max_runs=self.max_runs,
+            best_runs=self.best_runs,
             z=self.z,
             sigma_floor=self.sigma_floor,
             prune=self.prune,

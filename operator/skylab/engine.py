@@ -6,9 +6,13 @@ disagree.
 
 A trial is one change; a run is one execution of it. Decisions are noise-aware by
 default: the baseline runs several times with distinct seeds, the run-to-run spread
-(sigma) is pooled over every trial with repeated runs, a promising trial is confirmed
-by more runs, and a trial is kept only when its mean beats the best's mean by more than
-the noise explains. `noise = "off"` keeps the single-run greedy rule.
+(sigma) is pooled over every trial with repeated runs, and a trial is kept only when its
+mean beats the best's mean by more than the noise explains. A clearly worse first run is
+reverted at once; a promising one is confirmed, and run again while its mean stays
+between "within the noise" and "clear", up to max_runs. The best kept trial is measured
+again alongside (up to best_runs), so every comparison is against a well-measured mean
+that is no longer the lucky draw that got it kept. `noise = "off"` keeps the single-run
+greedy rule.
 """
 
 from __future__ import annotations
@@ -59,14 +63,30 @@ class Objective:
         return self.gain(value, best) > self.min_improvement
 
 
+# A confirmed trial whose gain is less than this many standard errors above
+# min_improvement is reverted: more runs would seldom make it clear.
+FUTILITY_SE = 1.0
+# The best kept trial is measured with (up to best_runs) this many times the runs of the
+# trial it is compared with: its mean is shared by every comparison, so its runs are
+# worth more than a candidate's (the control of a many-to-one comparison gets more).
+BEST_RUNS_PER_RUN = 2
+
+
 @dataclass(frozen=True)
 class NoisePolicy:
     """How many runs decide a trial, and how sure a keep must be ([decision])."""
 
     aware: bool = True
     baseline_runs: int = 3
+    # The runs after a promising first run before a trial may be kept.
     confirm_runs: int = 2
-    z: float = 2.0
+    # The most runs a trial gets while it is neither clearly kept nor clearly not.
+    max_runs: int = 12
+    # The most runs the best kept trial is measured with (baseline_runs: never again).
+    best_runs: int = 24
+    # Standard errors a keep must clear. At 2, one confirmation in about 40 of a change
+    # that is truly no better is kept, and a campaign looks at dozens (research_efficiency).
+    z: float = 2.75
     # The least run-to-run spread assumed: a few identical draws do not make noise vanish.
     sigma_floor: float = 0.001
     # Early stopping is opt-in: mid-run training loss is a rough guide to the end (a
@@ -86,7 +106,18 @@ class NoisePolicy:
 
     @property
     def runs_of_candidate(self) -> int:
+        """The fewest runs a trial is kept on."""
         return 1 + self.confirm_runs if self.aware else 1
+
+    def best_needs_run(self, best: TrialView, trial: TrialView) -> bool:
+        """True when BEST should run once more before TRIAL's next run."""
+        if not self.aware or trial.is_baseline:
+            return False
+        wanted = min(self.best_runs, BEST_RUNS_PER_RUN * len(trial.counted_runs))
+        return len(best.counted_runs) < wanted
+
+
+DEFAULT_POLICY = NoisePolicy()
 
 
 @dataclass(frozen=True)
@@ -94,6 +125,9 @@ class CampaignLimits:
     max_trials: int | None = None
     budget_seconds: float | None = None
     max_consecutive_failures: int = 5
+
+    def budget_spent(self, elapsed_seconds: float) -> bool:
+        return self.budget_seconds is not None and elapsed_seconds >= self.budget_seconds
 
 
 @dataclass(frozen=True)
@@ -122,6 +156,7 @@ class TrialView:
     metric: float | None = None
     kept: bool | None = None
     runs: tuple[RunView, ...] = ()
+    parent: str | None = None  # the commit it changed (None: the baseline)
 
     @property
     def run_in_flight(self) -> bool:
@@ -215,11 +250,14 @@ def judge(
     trial: TrialView,
     best: TrialView | None,
     spread: Spread,
+    *,
+    budget_spent: bool = False,
 ) -> Judgement:
     """What a trial whose runs have all ended needs: another run, or its verdict.
 
     BEST is the best kept trial (None for the baseline), SPREAD the campaign's pooled
-    run-to-run spread.
+    run-to-run spread. BUDGET_SPENT: the campaign may start nothing more, so a trial not
+    yet clearly kept is decided on the runs it has.
     """
     runs = trial.counted_runs
     if not runs:
@@ -249,31 +287,53 @@ def judge(
         return Verdict(
             False, f"{measured.mean:.6f} does not beat {reference.mean:.6f}{margin}", "success"
         )
-    if measured.n == 1 and policy.confirm_runs > 0:
-        if gain <= objective.min_improvement:
-            return Verdict(
-                False,
-                f"first run {measured.mean:.6f} does not beat the best's mean "
-                f"{reference.mean:.6f} (n={reference.n}){_floor(objective)}: "
-                "reverted without confirmation",
-                "success",
-            )
-        return RunAgain(
-            f"promising ({gain:+.6f}): confirmation run 2 of {policy.runs_of_candidate}"
+    if measured.n == 1 and gain <= objective.min_improvement:
+        return Verdict(
+            False,
+            f"first run {measured.mean:.6f} does not beat the best's mean "
+            f"{reference.mean:.6f} (n={reference.n}){_floor(objective)}: "
+            "reverted without confirmation",
+            "success",
         )
     if measured.n < policy.runs_of_candidate:
+        if budget_spent:
+            return Verdict(
+                False,
+                f"the budget is spent after {measured.n} of the "
+                f"{policy.runs_of_candidate} runs a keep needs",
+                "success",
+            )
+        if measured.n == 1:
+            return RunAgain(
+                f"promising ({gain:+.6f}): confirmation run 2 of {policy.runs_of_candidate}"
+            )
         return RunAgain(f"confirmation run {measured.n + 1} of {policy.runs_of_candidate}")
     z = spread.margin(policy.z)
-    noise = z * spread.sigma * math.sqrt(1 / measured.n + 1 / reference.n)
+    error = spread.sigma * math.sqrt(1 / measured.n + 1 / reference.n)
+    noise = z * error
     needed = max(noise, objective.min_improvement)
-    kept = gain > noise and gain > objective.min_improvement
     numbers = (
         f"{_summary(measured)} against the best's {_summary(reference)}: gain {gain:+.6f}, "
         f"needs more than {needed:.6f} (z={policy.z:g}"
         f"{f' as t with {spread.freedom} df: {z:.2f}' if spread.freedom else ''}, "
         f"sigma={spread.sigma:.6f}{', min_improvement' if needed > noise else ''})"
     )
-    return Verdict(kept, ("kept: " if kept else "not kept: ") + numbers, "success")
+    if gain > noise and gain > objective.min_improvement:
+        return Verdict(True, f"kept: {numbers}", "success")
+    futile = gain - objective.min_improvement < FUTILITY_SE * error
+    if futile or measured.n >= policy.max_runs or budget_spent:
+        why = (
+            "within one standard error"
+            if futile
+            else "the budget is spent"
+            if budget_spent and measured.n < policy.max_runs
+            else f"still unclear after {policy.max_runs} runs"
+        )
+        return Verdict(False, f"not kept ({why}): {numbers}", "success")
+    return RunAgain(
+        f"unclear ({gain:+.6f}, needs more than {needed:.6f}): "
+        f"run {measured.n + 1} of at most {policy.max_runs}"
+    )
 
 
 def _summary(measured: Stats) -> str:
@@ -287,10 +347,19 @@ def _floor(objective: Objective) -> str:
 
 
 def best_kept(trials: Sequence[TrialView], objective: Objective) -> TrialView | None:
-    """The kept trial with the best mean: the parent of the next proposal."""
+    """The best kept trial: the parent of the next proposal, the one the next is judged
+    against.
+
+    A kept trial that another kept trial was built on is behind it: that one beat it.
+    Of those no kept trial stands on (one, unless trials ran in parallel), the best
+    mean wins. The best's mean moves as it is measured again, so comparing it with the
+    means of the trials it beat, measured less, would undo keeps by chance.
+    """
+    kept = [trial for trial in trials if trial.kept and trial.metric is not None]
+    superseded = {trial.parent for trial in kept}
     best: TrialView | None = None
-    for trial in trials:
-        if not trial.kept or trial.metric is None:
+    for trial in kept:
+        if trial.commit in superseded or trial.metric is None:
             continue
         if best is None or best.metric is None or objective.improves(trial.metric, best.metric):
             best = trial
@@ -399,7 +468,8 @@ class Propose:
 
 @dataclass(frozen=True)
 class NextRun:
-    """Trial NUMBER has no run going and is not decided: start its next run."""
+    """Start trial NUMBER's next run: it has none going and is not decided, or it is the
+    best kept trial and is measured again before an undecided trial's next run."""
 
     number: int
 
@@ -420,10 +490,16 @@ def next_action(
     objective: Objective,
     elapsed_seconds: float,
     strategy_exhausted: str | None = None,
+    policy: NoisePolicy = DEFAULT_POLICY,
 ) -> Action:
     """What to do next, one trial at a time, with no run going."""
     actions = plan(
-        trials, limits, objective, elapsed_seconds, strategy_exhausted=strategy_exhausted
+        trials,
+        limits,
+        objective,
+        elapsed_seconds,
+        policy=policy,
+        strategy_exhausted=strategy_exhausted,
     )
     if isinstance(actions, Stop):
         return actions
@@ -438,19 +514,21 @@ def plan(
     objective: Objective,
     elapsed_seconds: float,
     *,
+    policy: NoisePolicy = DEFAULT_POLICY,
     parallelism: int = 1,
     strategy_exhausted: str | None = None,
 ) -> Stop | list[Start]:
     """The runs and trials to start now (none: wait for a run going), or why the campaign ends.
 
     TRIALS is every trial recorded so far, running ones included. An undecided trial is
-    always carried on (NextRun) before anything new starts in its slot, and a campaign
-    only stops once nothing runs: the running trials' outcomes are part of its result.
-    STRATEGY_EXHAUSTED is the strategy's word on why it has nothing left, if so.
+    always carried on (NextRun, or first the best's, as POLICY asks) before anything new
+    starts in its slot, and a campaign only stops once nothing runs: the running trials'
+    outcomes are part of its result. STRATEGY_EXHAUSTED is the strategy's word on why it
+    has nothing left, if so.
     """
     running = [t for t in trials if t.status == "running"]
-    carried: list[Start] = [NextRun(t.number) for t in running if not t.run_in_flight]
     settled = [t for t in trials if t.status not in ("running", "killed")]
+    carried = _carried(running, best_kept(settled, objective), policy)
     number = max((t.number for t in trials), default=0) + 1
 
     def stop_or_wait(reason: EndReason, message: str) -> Stop | list[Start]:
@@ -458,7 +536,8 @@ def plan(
 
     if limits.max_trials is not None and len(settled) + len(running) >= limits.max_trials:
         return stop_or_wait(EndReason.MAX_TRIALS, f"ran the maximum of {limits.max_trials} trials")
-    if limits.budget_seconds is not None and elapsed_seconds >= limits.budget_seconds:
+    if limits.budget_spent(elapsed_seconds):
+        assert limits.budget_seconds is not None
         spent = _duration(limits.budget_seconds)
         return stop_or_wait(EndReason.BUDGET_SPENT, f"the wall-clock budget of {spent} is spent")
 
@@ -489,6 +568,24 @@ def plan(
     parent = best_kept(settled, objective) or baseline
     proposals = [Propose(parent_commit=parent.commit, number=number + i) for i in range(slots)]
     return [*carried, *proposals]
+
+
+def _carried(
+    running: Sequence[TrialView], best: TrialView | None, policy: NoisePolicy
+) -> list[Start]:
+    """The next run of each undecided trial with none going, or the best's run it waits for."""
+    carried: list[Start] = []
+    best_going = best is not None and best.run_in_flight
+    for trial in running:
+        if trial.run_in_flight:
+            continue
+        if best is not None and policy.best_needs_run(best, trial):
+            if not best_going:
+                carried.append(NextRun(best.number))
+                best_going = True
+            continue
+        carried.append(NextRun(trial.number))
+    return carried
 
 
 def _failure_streak(settled: Sequence[TrialView]) -> int:

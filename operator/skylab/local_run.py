@@ -35,7 +35,7 @@ from skylab.strategies.base import (
     Strategy,
     StrategyFailed,
 )
-from skylab.trial_steps import Pruner, TrialSteps, end_state
+from skylab.trial_steps import Pruner, Settled, TrialSteps, end_state
 from skylab.workspace import Workspace
 from skylab_trainer.progress import Progress, parse_progress
 from skylab_trainer.report import RunReport
@@ -198,6 +198,7 @@ class _Loop:
                     self.steps.objective,
                     _elapsed(trials),
                     exhausted,
+                    self.steps.policy,
                 )
                 if isinstance(action, engine.Stop):
                     return self._stop(action)
@@ -258,11 +259,33 @@ class _Loop:
             self.console.say(f"{label} run {run.number} killed: go on with --resume")
             raise KeyboardInterrupt from stop
         recorder.flush()
-        self.steps.record_run(trial, run.number, report, pruned=recorder.pruned)
+        recorded = self.steps.record_run(trial, run.number, report, pruned=recorder.pruned)
+        if trial.status != "running":
+            self._remeasured(trial, recorded.number)
+            return
         self._settle(trial.number, run.number, report, recorder.pruned)
 
+    def _remeasured(self, trial: TrialRecord, run: int) -> None:
+        """The best kept trial ran once more: its mean, not its verdict, moved, and the
+        trials waiting for that run are judged against the new mean."""
+        trials = self.steps.trials()
+        now = next(t for t in trials if t.number == trial.number)
+        self.console.say(
+            f"{self._label(trial.number)} run {run} (the best, measured again): "
+            f"{self.config.search.metric}={_mean(now)}"
+        )
+        for waiting in trials:
+            if waiting.status == "running" and waiting.view().counted_runs:
+                settled = self._judge(waiting.number)
+                if isinstance(settled.judgement, engine.Verdict):
+                    self._say_verdict(settled.trial)
+
+    def _judge(self, number: int) -> Settled:
+        spent = self.limits.budget_spent(_elapsed(self.steps.trials()))
+        return self.steps.settle(number, budget_spent=spent)
+
     def _settle(self, number: int, run: int, report: RunReport, pruned: str | None) -> None:
-        settled = self.steps.settle(number)
+        settled = self._judge(number)
         label = self._label(number)
         metric_name = self.config.search.metric
         if pruned is not None:
@@ -271,7 +294,11 @@ class _Loop:
             value = "-" if report.metric is None else f"{report.metric:.6f}"
             self.console.say(f"{label} run {run} {metric_name}={value}: {settled.judgement.reason}")
             return
-        trial = settled.trial
+        self._say_verdict(settled.trial)
+
+    def _say_verdict(self, trial: TrialRecord) -> None:
+        label = self._label(trial.number)
+        metric_name = self.config.search.metric
         verdict = "kept" if trial.kept else "reverted"
         value = _mean(trial)
         detail = f": {trial.message}" if trial.status not in ("success", "pruned") else ""
@@ -338,6 +365,11 @@ class _ProgressRecorder:
 
 
 def _elapsed(trials: list[TrialRecord]) -> float:
-    """Seconds the campaign has spent on trials, across every resume."""
+    """Seconds the campaign has spent running trials, across every resume: the best kept
+    trial's later runs count when they ran, not when it was decided."""
     now = datetime.now(UTC)
-    return sum(((t.finished_at or now) - t.created_at).total_seconds() for t in trials)
+    return sum(
+        ((run.finished_at or now) - run.started_at).total_seconds()
+        for trial in trials
+        for run in trial.runs
+    )

@@ -187,8 +187,12 @@ class TrialSteps:
 
     # Verdicts
 
-    def settle(self, number: int) -> Settled:
-        """Judge trial NUMBER (none of its runs going): record a verdict, or ask for a run."""
+    def settle(self, number: int, *, budget_spent: bool = False) -> Settled:
+        """Judge trial NUMBER (none of its runs going): record a verdict, or ask for a run.
+
+        BUDGET_SPENT: the campaign starts nothing more, so the trial is decided on the runs
+        it has. A trial decided before (the best kept one, measured again) keeps its verdict.
+        """
         trials = self.trials()
         trial = next(t for t in trials if t.number == number)
         if trial.status != "running":
@@ -205,6 +209,7 @@ class TrialSteps:
             trial.view(),
             None if best is None else best.view(),
             sigma,
+            budget_spent=budget_spent,
         )
         if isinstance(judgement, engine.RunAgain):
             return Settled(judgement, trial)

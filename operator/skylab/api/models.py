@@ -193,6 +193,12 @@ class DecisionSpec(ApiModel):
     )
     baseline_runs: int | None = Field(default=None, ge=1, le=20)
     confirm_runs: int | None = Field(default=None, ge=0, le=20)
+    max_runs: int | None = Field(
+        default=None, ge=1, le=100, description="most runs of an undecided trial"
+    )
+    best_runs: int | None = Field(
+        default=None, ge=1, le=200, description="most runs of the best kept trial"
+    )
     z: float | None = Field(default=None, gt=0, description="standard errors a keep must clear")
     sigma_floor: float | None = Field(default=None, ge=0)
     prune: bool | None = Field(default=None, description="stop runs that cannot catch up")

@@ -152,13 +152,19 @@ class CampaignController:
         """Reconcile the Campaign BODY, opened as CONTEXT, with its lock held."""
         store = self.opener.stores.get()
         self._repair(context, store)
-        status = body.get("status") or {}
-        now = self.clock()
-        started = parse_timestamp(status.get("startTime")) or now
+        started = self.started(body)
         outcome: engine.Stop | None = None
         if not context.spec.suspend:
-            outcome = self._start_trials(body, context, store, (now - started).total_seconds())
+            outcome = self._start_trials(body, context, store, self.elapsed(body))
         self._publish(body, context, store, started, outcome)
+
+    def started(self, body: Manifest) -> datetime:
+        """When the Campaign started (now, for one that has not yet)."""
+        return parse_timestamp((body.get("status") or {}).get("startTime")) or self.clock()
+
+    def elapsed(self, body: Manifest) -> float:
+        """Seconds of the Campaign's wall-clock budget spent."""
+        return (self.clock() - self.started(body)).total_seconds()
 
     def _repair(self, context: CampaignContext, store: Store) -> None:
         """Rows for Trials that have none; a running row whose Trial is gone is killed."""
@@ -199,6 +205,7 @@ class CampaignController:
                 context.limits,
                 context.objective,
                 elapsed,
+                policy=context.config.decision.policy(),
                 parallelism=context.spec.parallelism,
                 strategy_exhausted=exhausted,
             )

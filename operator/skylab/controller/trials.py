@@ -31,7 +31,7 @@ from skylab.controller.reports import (
     trial_ending,
 )
 from skylab.controller.sources import CampaignSetupError
-from skylab.executors.base import run_name
+from skylab.executors.base import run_name, trial_name
 from skylab.executors.kubernetes import RUN_LABEL, TRIAL_LABEL, trial_job
 from skylab.store.db import RunRecord, TrialRecord
 from skylab.trial_steps import Pruner, TrialSteps
@@ -66,9 +66,12 @@ class TrialController:
         with self.campaigns.locks.hold(namespace, campaign):
             opened = self._open(namespace, campaign)
             trial = self.api.get_trial(namespace, name)
-            if opened is None or trial is None or (trial.get("status") or {}).get("decision"):
+            if opened is None or trial is None:
                 return
-            self._sync(*opened, trial)
+            if (trial.get("status") or {}).get("decision"):
+                self._sync_decided(*opened, trial)
+            else:
+                self._sync(*opened, trial)
 
     def steps(self, context: CampaignContext) -> TrialSteps:
         return TrialSteps(
@@ -134,56 +137,119 @@ class TrialController:
     def _sync(self, campaign: Manifest, context: CampaignContext, trial: Manifest) -> None:
         steps = self.steps(context)
         row = self.campaigns.ensure_row(context, steps.store, trial)
-        name = trial["metadata"]["name"]
-        status = trial.get("status") or {}
         if row.status != "running":  # decided before a restart: publish, never redecide
             self._publish(context, trial, row)
             self.campaigns.advance(campaign, context)
             return
         run = _going(row)
         if run is None:  # every run so far has ended: judge them
-            settled = steps.settle(row.number)
+            spent = context.limits.budget_spent(self.campaigns.elapsed(campaign))
+            settled = steps.settle(row.number, budget_spent=spent)
             if isinstance(settled.judgement, engine.Verdict):
                 if settled.decided_now:
                     self._observe(settled.trial)
                 self._publish(context, trial, settled.trial)
                 self.campaigns.advance(campaign, context)
                 return
+            best = steps.best([t for t in steps.trials() if t.status != "running"])
+            if best is not None and steps.policy.best_needs_run(best.view(), settled.trial.view()):
+                self._remeasure(campaign, context, steps, best)
+                return
             run = steps.start_run(settled.trial)
+        if self._follow(campaign, context, steps, trial, row, run):
+            refreshed = self.api.get_trial(context.namespace, trial["metadata"]["name"])
+            if refreshed is not None:
+                self._sync(campaign, context, refreshed)  # judge it: another run, or done
+
+    def _sync_decided(self, campaign: Manifest, context: CampaignContext, trial: Manifest) -> None:
+        """A decided Trial's Job changed: follow the run of it going, if it is the best
+        measured again, and let the trials waiting for that run go on."""
+        steps = self.steps(context)
+        number = TrialSpec.model_validate(trial["spec"]).number
+        row = steps.store.get_trial(context.record.id, number)
+        run = None if row is None else _going(row)
+        if row is None or run is None:
+            return
+        if self._follow(campaign, context, steps, trial, row, run):
+            self._wake(campaign, context, steps, row.number)
+
+    def _remeasure(
+        self, campaign: Manifest, context: CampaignContext, steps: TrialSteps, best: TrialRecord
+    ) -> None:
+        """Run the best kept trial once more before the trials waiting for it go on."""
+        name = trial_name(context.name, best.number)
+        body = self.api.get_trial(context.namespace, name)
+        if body is None:
+            return  # deleted: the campaign's reconcile records it
+        run = steps.start_run(best)
+        if self._follow(campaign, context, steps, body, best, run):
+            self._wake(campaign, context, steps, best.number)
+
+    def _wake(
+        self, campaign: Manifest, context: CampaignContext, steps: TrialSteps, measured: int
+    ) -> None:
+        """Trial MEASURED (the best) ran once more: its Trial shows its new mean, and the
+        trials waiting for that run are judged against it and go on."""
+        for row in steps.trials():
+            name = trial_name(context.name, row.number)
+            if row.number == measured:
+                self.api.patch_trial_status(context.namespace, name, _runs_status(row))
+            elif row.status == "running" and _going(row) is None:
+                body = self.api.get_trial(context.namespace, name)
+                if body is not None:
+                    self._sync(campaign, context, body)
+
+    def _follow(
+        self,
+        campaign: Manifest,
+        context: CampaignContext,
+        steps: TrialSteps,
+        trial: Manifest,
+        row: TrialRecord,
+        run: RunRecord,
+    ) -> bool:
+        """Bring RUN of ROW up to date with its Job: create it, show its phase, or record
+        how it ended. True when the run has just been recorded as ended."""
+        name = trial["metadata"]["name"]
+        status = trial.get("status") or {}
+        decided = row.status != "running"
         job_name = run_name(name, run.number)
         job = self.api.get_job(context.namespace, job_name)
         if job is None:
-            if status.get("jobName") == job_name:  # deleted under it: the trial is stopped
-                report = RunReport(
-                    RunStatus.KILLED,
-                    context.config.search.metric,
-                    message="its Job was deleted before it finished",
-                )
-                steps.record_run(row, run.number, report)
-                verdict = engine.Verdict(False, "killed: its Job was deleted", "killed")
-                final = steps.finish(row, verdict)
-                self._observe(final)
-                self._publish(context, trial, final, "JobDeleted")
-                self.campaigns.advance(campaign, context)
-            else:
+            if status.get("jobName") != job_name:
                 self._create_job(context, steps, trial, row, run)
-            return
+                return False
+            report = RunReport(
+                RunStatus.KILLED,
+                context.config.search.metric,
+                message="its Job was deleted before it finished",
+            )
+            steps.record_run(row, run.number, report)
+            if decided:  # the best measured again: that run is lost, not the trial
+                post(trial, "JobDeleted", f"Job {job_name} was deleted before it finished")
+                return True
+            verdict = engine.Verdict(False, "killed: its Job was deleted", "killed")
+            final = steps.finish(row, verdict)
+            self._observe(final)
+            self._publish(context, trial, final, "JobDeleted")
+            self.campaigns.advance(campaign, context)
+            return False
         state = job_state(job)
         if state.finished:
             pods = self.api.list_pods(context.namespace, run_pods(name, run.number))
             ending = trial_ending(state, pods, context.config.search.metric)
             steps.record_run(row, run.number, ending.report)
-            self.api.patch_trial_status(context.namespace, name, {"reason": ending.reason})
-            refreshed = self.api.get_trial(context.namespace, name)
-            if refreshed is not None:
-                self._sync(campaign, context, refreshed)  # judge it: another run, or done
-        elif state.phase != status.get("phase"):
+            if not decided:
+                self.api.patch_trial_status(context.namespace, name, {"reason": ending.reason})
+            return True
+        if not decided and state.phase != status.get("phase"):
             patch: dict[str, object] = {"phase": str(state.phase)}
             if state.phase is TrialPhase.RUNNING and not status.get("startTime"):
                 patch["startTime"] = timestamp(self.clock())
             self.api.patch_trial_status(context.namespace, name, patch)
             self.metrics.set_phase("Trial", context.namespace, name, str(state.phase))
             post(trial, str(state.phase), f"Job {job_name} is {state.phase}")
+        return False
 
     def _create_job(
         self,
@@ -207,11 +273,15 @@ class TrialController:
         if manifests.service is not None:
             self.api.create(manifests.service)
         self.api.create(manifests.job)
+        which = f" (run {run.number}, seed {run.seed})" if run.number > 1 else ""
+        if row.status != "running":  # the best kept trial, measured again: still kept
+            self.api.patch_trial_status(context.namespace, name, {"jobName": launch.name})
+            post(trial, "JobCreated", f"Job {launch.name} created{which}: measured again")
+            return
         phase = TrialPhase.QUEUED if template.queue_name else TrialPhase.PENDING
         status = {"phase": str(phase), "jobName": launch.name, **_runs_status(row)}
         self.api.patch_trial_status(context.namespace, name, status)
         self.metrics.set_phase("Trial", context.namespace, name, str(phase))
-        which = f" (run {run.number}, seed {run.seed})" if run.number > 1 else ""
         post(trial, "JobCreated", f"Job {launch.name} created{which}")
 
     def _observe(self, row: TrialRecord) -> None:

@@ -124,6 +124,7 @@ class TrialRecord:
             metric=self.metric,
             kept=self.kept,
             runs=tuple(run.view() for run in self.runs),
+            parent=self.parent_commit,
         )
 
     def run(self, number: int) -> RunRecord | None:
@@ -442,7 +443,27 @@ class Store:
                 raise LookupError(f"no run {number} of trial {trial_id}")
             if current["status"] != "running":
                 raise RunNotRunningError(f"run {number} already finished as {current['status']}")
-            return RunRecord(**_one(cursor.execute(query, values)))
+            run = RunRecord(**_one(cursor.execute(query, values)))
+            self._remeasure(cursor, trial_id)
+            return run
+
+    def _remeasure(self, cursor: psycopg.Cursor[Row], trial_id: int) -> None:
+        """A decided trial measured again (the best kept one): its mean, spread, run count
+        and time take in the new run; its verdict and reason stay what was decided."""
+        runs = self._runs(cursor, [trial_id]).get(trial_id, [])
+        counted = [run for run in runs if run.view().counted]
+        measured = stats([run.metric for run in counted if run.metric is not None])
+        cursor.execute(
+            "UPDATE trials SET metric = %s, metric_sd = %s, run_count = %s,"
+            " duration_seconds = %s WHERE id = %s AND status = 'success' AND metric IS NOT NULL",
+            (
+                None if measured is None else measured.mean,
+                None if measured is None else measured.sd,
+                len(counted),
+                math.fsum(run.duration_seconds or 0.0 for run in runs),
+                trial_id,
+            ),
+        )
 
     def mark_running_runs_killed(self, campaign_id: int, message: str) -> list[tuple[int, int]]:
         """End the runs a dead driver left running; return (trial number, run number) of each.
