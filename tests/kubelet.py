@@ -320,7 +320,7 @@ async def running_operator(
     finally:
         # kopf waits for the handlers in flight: on a loaded machine that takes a while.
         await thread.stop(timeout=120)
-        operator.stores.close()
+        operator.database.close()
 
 
 def sweep_campaign(name: str, **spec: Any) -> dict[str, Any]:
@@ -387,12 +387,12 @@ def mortal(operator: Operator, thread: OperatorThread) -> Death:
 
     for method in API_METHODS:
         setattr(api, method, guard(method, getattr(api, method)))
-    get_store = operator.stores.get
+    get_store = operator.database.get
 
     def store() -> Store:
         if dead.is_set():
             raise Killed("database")
         return get_store()
 
-    operator.stores.get = store  # type: ignore[method-assign]
+    operator.database.get = store  # type: ignore[method-assign]
     return dead

@@ -246,7 +246,7 @@ async def test_health_endpoints_answer_once_kopf_runs_and_postgresql_answers(
     kube: KubeEmulator, settings: OperatorSettings
 ) -> None:
     operator = await asyncio.to_thread(build_operator, KubeApi(load_client()), settings)
-    health = Health(operator.stores)
+    health = Health(operator.database, settings.database_down_seconds)
     routes = health.routes(operator.metrics)
     assert routes["/healthz"]()[0] == 503 and routes["/readyz"]()[0] == 503  # not started
     kopf.on.startup(registry=operator.registry)(health.started)
@@ -263,7 +263,7 @@ async def test_health_endpoints_answer_once_kopf_runs_and_postgresql_answers(
         await thread.stop(timeout=120)
     # the loop is gone: liveness fails, and the kubelet would restart the pod
     assert routes["/healthz"]()[0] == 503
-    operator.stores.close()
+    operator.database.close()
 
 
 async def test_the_progress_daemon_ends_when_cancelled_with_its_stopper_unset(
@@ -284,4 +284,4 @@ async def test_the_progress_daemon_ends_when_cancelled_with_its_stopper_unset(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, timeout=30)
-    operator.stores.close()
+    operator.database.close()

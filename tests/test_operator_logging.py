@@ -13,16 +13,16 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from kmock import resource as k8s_resource
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
+from db_outage import DatabaseProxy, database_proxy
 from emulator import KubeEmulator
 from kubelet import (  # the settings fixture registers under its own name
     CAMPAIGNS,
@@ -102,18 +102,6 @@ def _watching(kube: KubeEmulator, process: subprocess.Popen[bytes], log: Path) -
     return {k8s_resource(r) for r in (CAMPAIGNS, TRIALS, JOBS)} <= open_watches(kube)
 
 
-def _drop_connections(database_url: str) -> int:
-    """End every other session on the test's database, as a PostgreSQL restart would."""
-    dbname = conninfo_to_dict(database_url)["dbname"]
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        ended = conn.execute(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE datname = %s AND pid <> pg_backend_pid()",
-            (dbname,),
-        ).fetchone()
-    return int(ended[0]) if ended else 0
-
-
 def _trial_phase(kube: KubeEmulator, name: str) -> str | None:
     return ((stored(kube, TRIALS, NAMESPACE, name) or {}).get("status") or {}).get("phase")
 
@@ -122,14 +110,26 @@ async def _run_campaign_then_break_the_database(
     kube: KubeEmulator, tmp_path: Path, database_url: str, *flags: str
 ) -> str:
     """Trial 1 succeeds, 2 crashes, each once seen running; while 3 runs, the database
-    drops the operator's connections."""
+    is away (its connections dropped, new ones refused) until a handler has failed."""
     released: set[int] = set()
     ends = {1: success(1.0), 2: crash("RuntimeError: boom")}
 
     def script(number: int) -> Outcome | None:
         return ends[number] if number in released else None
 
-    async with operator_process(tmp_path, database_url, *flags) as (process, log):
+    with database_proxy(database_url) as proxy:
+        return await _run_and_cut(kube, tmp_path, proxy, script, released, *flags)
+
+
+async def _run_and_cut(
+    kube: KubeEmulator,
+    tmp_path: Path,
+    proxy: DatabaseProxy,
+    script: Callable[[int], Outcome | None],
+    released: set[int],
+    *flags: str,
+) -> str:
+    async with operator_process(tmp_path, proxy.url, *flags) as (process, log):
         await eventually(lambda: _watching(kube, process, log), timeout=SLOW)
         async with kubelet(kube, script):
             await create(kube, CAMPAIGNS, sweep_campaign("logged", budget={"maxTrials": 3}))
@@ -137,8 +137,9 @@ async def _run_campaign_then_break_the_database(
                 await eventually(lambda n=name: _trial_phase(kube, n) == "Running", timeout=SLOW)
                 released.add(number)
             await eventually(lambda: _trial_phase(kube, "logged-0003") == "Running", timeout=SLOW)
-            assert _drop_connections(database_url) > 0
+            proxy.cut()
             await eventually(lambda: "will try again" in log.read_text(), timeout=SLOW)
+            proxy.restore()
     return log.read_text()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from skylab.engine import Verdict
 from skylab.errors import UserError
@@ -678,3 +679,18 @@ def test_open_database_prefers_a_configured_url(
     with open_database(None, embedded_data_dir) as url, Store.connect(url) as store:
         assert store.latest_campaign() is None
     assert _refused(url)
+
+
+def test_connections_the_server_dropped_are_replaced_without_an_error(
+    store: Store, database_url: str
+) -> None:
+    campaign = _campaign(store)
+    dbname = conninfo_to_dict(database_url)["dbname"]
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        ).fetchone()
+    assert ended is not None and ended[0] >= 1  # the store's connection, as a restart would
+    assert store.get_campaign(campaign.name) == campaign  # a new connection, no error

@@ -101,3 +101,61 @@ def test_unknown_path_is_a_git_error(workspace: tuple[Workspace, str]) -> None:
     ws, root = workspace
     with pytest.raises(GitError):
         ws.read_file(root, "missing.py")
+
+
+def _killed_mid_update(git_dir: Path, ref: str, commit: str) -> None:
+    """A real `git update-ref` SIGKILLed while it holds REF's lock (a transaction that
+    is prepared, so the lock is taken, and never committed)."""
+    process = subprocess.Popen(
+        ["git", "--git-dir", str(git_dir), "update-ref", "--stdin"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(f"start\nupdate {ref} {commit}\nprepare\n")
+    process.stdin.flush()
+    assert process.stdout.readline().strip() == "start: ok"
+    assert process.stdout.readline().strip() == "prepare: ok"  # the lock is held now
+    process.kill()
+    process.wait()
+
+
+def test_a_lock_left_by_a_git_killed_mid_update_is_removed(
+    workspace: tuple[Workspace, str],
+) -> None:
+    ws, root = workspace
+    first = ws.commit_trial(2, root, [FileEdit("train.py", "LR = 0.2\n")], "one")
+    _killed_mid_update(ws.git_dir, trial_ref(3), first)
+    _killed_mid_update(ws.git_dir, f"refs/heads/{ws.branch}", first)
+    assert (ws.git_dir / f"{trial_ref(3)}.lock").exists()
+    with pytest.raises(subprocess.CalledProcessError):  # git alone refuses for good
+        _git(ws.git_dir, "update-ref", trial_ref(3), first)
+    # The workspace recognises both locks as a dead process's and goes on.
+    third = ws.commit_trial(3, root, [FileEdit("train.py", "LR = 0.3\n")], "three")
+    ws.advance(third)
+    assert _git(ws.git_dir, "rev-parse", trial_ref(3)) == third
+    assert ws.head() == third
+    assert not list(ws.git_dir.rglob("*.lock"))
+
+
+def test_a_lock_of_a_live_git_process_is_left_alone(workspace: tuple[Workspace, str]) -> None:
+    ws, root = workspace
+    holder = subprocess.Popen(
+        ["git", "--git-dir", str(ws.git_dir), "update-ref", "--stdin"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        holder.stdin.write(f"start\nupdate {trial_ref(2)} {root}\nprepare\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "start: ok"
+        assert holder.stdout.readline().strip() == "prepare: ok"
+        with pytest.raises(GitError, match="File exists"):
+            ws.mark_baseline(2, root)
+        assert (ws.git_dir / f"{trial_ref(2)}.lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -9,13 +9,19 @@ directory, which skylab only ever reads.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import psutil
+
 from skylab.strategies.base import FileEdit
+
+LOGGER = logging.getLogger("skylab.workspace")
 
 _IDENTITY = {
     "GIT_AUTHOR_NAME": "skylab",
@@ -112,14 +118,50 @@ def _git(
     strip: bool = True,
 ) -> str:
     command = ["git", *(["--git-dir", str(git_dir)] if git_dir else []), *args]
-    result = subprocess.run(
-        command,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **_IDENTITY, **(env or {})},
-        check=False,
-    )
-    if result.returncode != 0:
-        raise GitError(f"git {args[0]} failed: {result.stderr.strip()}")
-    return result.stdout.strip() if strip else result.stdout
+    for _ in range(2):
+        result = subprocess.run(
+            command,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **_IDENTITY, **(env or {})},
+            check=False,
+        )
+        if result.returncode == 0:
+            return result.stdout.strip() if strip else result.stdout
+        if git_dir is None or not _removed_stale_lock(git_dir, result.stderr):
+            break
+    raise GitError(f"git {args[0]} failed: {result.stderr.strip()}")
+
+
+_LOCK_HELD = re.compile(r"Unable to create '([^']+\.lock)': File exists")
+
+
+def _removed_stale_lock(git_dir: Path, stderr: str) -> bool:
+    """Remove the lock file git found in GIT_DIR if no git process works on GIT_DIR: a
+    process killed in the middle of a ref update (git writes a ref by renaming its lock
+    file over it) leaves the lock, and every later update of that ref would fail."""
+    match = _LOCK_HELD.search(stderr)
+    if match is None:
+        return False
+    lock = Path(match[1])
+    if not (lock.is_relative_to(git_dir.resolve()) or lock.is_relative_to(git_dir)):
+        return False  # not in this repository: not ours to remove
+    if _git_running_on(git_dir):
+        return False
+    lock.unlink(missing_ok=True)  # gone meanwhile: try again all the same
+    LOGGER.warning("removed %s, a lock left by a git process that is gone", lock)
+    return True
+
+
+def _git_running_on(git_dir: Path) -> bool:
+    """True when a live git process was started on GIT_DIR (by us or anyone)."""
+    wanted = {str(git_dir), str(git_dir.resolve())}
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmdline = process.info["cmdline"] or []
+            if process.info["name"] == "git" and wanted & set(cmdline):
+                return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return False

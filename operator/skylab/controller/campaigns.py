@@ -116,7 +116,7 @@ class CampaignController:
     def delete(self, namespace: str, name: str, uid: str) -> None:
         """The Campaign is being deleted: its record says so and frees the name."""
         with self.locks.hold(namespace, name):
-            store = self.opener.stores.get()
+            store = self.opener.database.get()
             record = store.get_campaign(database_name(namespace, name))
             if record is not None and record.config.get("uid") == uid:
                 store.mark_running_trials_killed(record.id, "the Campaign was deleted")
@@ -150,7 +150,7 @@ class CampaignController:
 
     def advance(self, body: Manifest, context: CampaignContext) -> None:
         """Reconcile the Campaign BODY, opened as CONTEXT, with its lock held."""
-        store = self.opener.stores.get()
+        store = self.opener.database.get()
         self._repair(context, store)
         started = self.started(body)
         outcome: engine.Stop | None = None

@@ -70,29 +70,30 @@ def database_name(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
 
-class ThreadStores:
-    """One Store (one connection) per handler thread: a Store is not thread-safe."""
+class Database:
+    """The operator's store: one pool of connections that every handler thread shares,
+    connected (and the schema migrated) on first use."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, connections: int, timeout: float) -> None:
         self.url = url
-        self._local = threading.local()
-        self._all: list[Store] = []
+        self.connections = connections
+        self.timeout = timeout
+        self._store: Store | None = None
         self._lock = threading.Lock()
 
     def get(self) -> Store:
-        store: Store | None = getattr(self._local, "store", None)
-        if store is None:
-            with self._lock:  # the first connection migrates the schema, alone
-                store = Store.connect(self.url, migrated=bool(self._all))
-                self._all.append(store)
-            self._local.store = store
-        return store
+        with self._lock:
+            if self._store is None:
+                self._store = Store.connect(
+                    self.url, connections=self.connections, timeout=self.timeout
+                )
+            return self._store
 
     def close(self) -> None:
         with self._lock:
-            for store in self._all:
-                store.close()
-            self._all.clear()
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
 
 class KeyedLocks:
@@ -111,9 +112,9 @@ class KeyedLocks:
 
 
 class CampaignOpener:
-    def __init__(self, api: KubeApi, stores: ThreadStores, settings: OperatorSettings) -> None:
+    def __init__(self, api: KubeApi, database: Database, settings: OperatorSettings) -> None:
         self.api = api
-        self.stores = stores
+        self.database = database
         self.settings = settings
         self._parsed: dict[tuple[str, int | None], tuple[ExperimentConfig, Strategy]] = {}
 
@@ -136,7 +137,7 @@ class CampaignOpener:
             spec = CampaignSpec.model_validate(body.get("spec") or {})
         except ValidationError as exc:
             raise CampaignSetupError("InvalidSpec", first_error(exc, "spec")) from None
-        store = self.stores.get()
+        store = self.database.get()
         record = store.get_campaign(database_name(namespace, name))
         if record is not None and record.config.get("uid") != uid:
             # A deleted Campaign of the same name whose clean-up never ran.
@@ -193,7 +194,7 @@ class CampaignOpener:
         except BaseException:
             self.remove_workspace(namespace, name)  # nothing is created for a bad Campaign
             raise
-        return self.stores.get().create_campaign(
+        return self.database.get().create_campaign(
             name=database_name(namespace, name),
             experiment=config.name,
             strategy=spec.strategy.type,

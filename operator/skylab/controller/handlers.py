@@ -16,6 +16,7 @@ import kopf
 
 from skylab.api.models import GROUP, VERSION
 from skylab.controller.campaigns import CampaignController
+from skylab.controller.events import LOGGER
 from skylab.controller.metrics import Metrics
 from skylab.controller.settings import OperatorSettings
 from skylab.controller.trials import ProgressFollower, TrialController
@@ -24,6 +25,8 @@ from skylab.executors.kubernetes import CAMPAIGN_LABEL, TRIAL_LABEL
 ANNOTATION_PREFIX = GROUP
 CAMPAIGNS = (GROUP, VERSION, "campaigns")
 TRIALS = (GROUP, VERSION, "trials")
+# How often a failed Job event is tried in all before the Trial's timer takes over.
+JOB_EVENT_ATTEMPTS = 20
 Handler = Callable[..., Any]
 
 
@@ -74,7 +77,9 @@ def register(
     kopf.on.resume(*CAMPAIGNS, registry=registry, backoff=retry)(reconcile_campaign)
     kopf.on.create(*CAMPAIGNS, registry=registry, backoff=retry)(reconcile_campaign)
     kopf.on.update(*CAMPAIGNS, field="spec", registry=registry, backoff=retry)(reconcile_campaign)
-    kopf.timer(*CAMPAIGNS, interval=settings.resync_seconds, registry=registry)(reconcile_campaign)
+    kopf.timer(*CAMPAIGNS, interval=settings.resync_seconds, backoff=retry, registry=registry)(
+        reconcile_campaign
+    )
 
     @kopf.on.delete(*CAMPAIGNS, registry=registry, backoff=retry)
     def campaign_deleted(namespace: str | None, name: str, uid: str, **_: Any) -> None:
@@ -87,14 +92,14 @@ def register(
     sync_trial = counted("trial", trial_changed)
     kopf.on.resume(*TRIALS, registry=registry, backoff=retry)(sync_trial)
     kopf.on.create(*TRIALS, registry=registry, backoff=retry)(sync_trial)
-    kopf.timer(*TRIALS, interval=settings.resync_seconds, registry=registry, when=_undecided)(
-        sync_trial
-    )
+    kopf.timer(
+        *TRIALS, interval=settings.resync_seconds, backoff=retry, registry=registry, when=_undecided
+    )(sync_trial)
 
     # Async, so that cancelling it ends it at the next await: kopf stops a daemon spawned
     # while the operator exits by cancellation alone, and a thread looping on `stopped`
     # would keep the operator from exiting. The blocking reads run in worker threads.
-    @kopf.daemon(*TRIALS, registry=registry, when=_running, cancellation_timeout=5)
+    @kopf.daemon(*TRIALS, registry=registry, when=_running, backoff=retry, cancellation_timeout=5)
     async def trial_progress(
         namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any
     ) -> None:
@@ -105,6 +110,9 @@ def register(
             await asyncio.to_thread(read)
             await stopped.wait(interval)
 
+    # kopf never retries an event handler: a Job event that fails (the database or the
+    # API server away) is retried here, every RETRY seconds for a while, then left to the
+    # Trial's timer.
     @kopf.on.event(
         "batch",
         "v1",
@@ -112,13 +120,24 @@ def register(
         labels={TRIAL_LABEL: kopf.PRESENT, CAMPAIGN_LABEL: kopf.PRESENT},
         registry=registry,
     )
-    def job_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    async def job_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
         sync = counted("job", trials.sync)
-        sync(
-            namespace=_namespaced(namespace),
-            name=labels[TRIAL_LABEL],
-            campaign=labels[CAMPAIGN_LABEL],
-        )
+        where = {
+            "namespace": _namespaced(namespace),
+            "name": labels[TRIAL_LABEL],
+            "campaign": labels[CAMPAIGN_LABEL],
+        }
+        for attempt in range(1, JOB_EVENT_ATTEMPTS + 1):
+            try:
+                await asyncio.to_thread(sync, **where)
+                return
+            except Exception as exc:
+                if attempt == JOB_EVENT_ATTEMPTS:
+                    raise
+                LOGGER.warning(
+                    "job event of trial %s failed (%s); retrying in %g s", where["name"], exc, retry
+                )
+                await asyncio.sleep(retry)
 
 
 def _undecided(status: kopf.Status, **_: Any) -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ import kopf
 
 from skylab import __version__
 from skylab.controller.campaigns import CampaignController
-from skylab.controller.context import CampaignOpener, KeyedLocks, ThreadStores
+from skylab.controller.context import CampaignOpener, Database, KeyedLocks
 from skylab.controller.events import LOGGER
 from skylab.controller.handlers import register
 from skylab.controller.kubeapi import KubeApi, load_client
@@ -23,6 +24,7 @@ from skylab.store.url import database_address
 
 _TEXT = "text/plain; charset=utf-8"
 _LIVENESS_TIMEOUT_SECONDS = 5.0
+_PING_TIMEOUT_SECONDS = 2.0
 
 
 @dataclass
@@ -33,26 +35,36 @@ class Operator:
     campaigns: CampaignController
     trials: TrialController
     metrics: Metrics
-    stores: ThreadStores
+    database: Database
 
 
 def build_operator(api: KubeApi, settings: OperatorSettings) -> Operator:
-    stores = ThreadStores(settings.database_url)
+    database = Database(
+        settings.database_url,
+        connections=settings.database_connections,
+        timeout=settings.database_timeout_seconds,
+    )
     metrics = Metrics()
-    opener = CampaignOpener(api, stores, settings)
+    opener = CampaignOpener(api, database, settings)
     campaigns = CampaignController(api, opener, KeyedLocks(), metrics)
     trials = TrialController(api, campaigns)
     registry = kopf.OperatorRegistry()
     register(registry, campaigns, trials, metrics, settings)
-    return Operator(registry, campaigns, trials, metrics, stores)
+    return Operator(registry, campaigns, trials, metrics, database)
 
 
 class Health:
-    """Liveness: kopf's event loop answers. Readiness: kopf started and PostgreSQL answers."""
+    """Liveness: kopf's event loop answers, and PostgreSQL has not been unreachable for
+    longer than DOWN_SECONDS. Readiness: kopf started and PostgreSQL answers now."""
 
-    def __init__(self, stores: ThreadStores) -> None:
-        self.stores = stores
+    def __init__(
+        self, database: Database, down_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.database = database
+        self.down_seconds = down_seconds
+        self.clock = clock
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._answered = clock()  # when PostgreSQL last answered (or we started)
 
     async def started(self, **_: Any) -> None:
         # async: kopf runs a sync handler in a worker thread, which has no running loop.
@@ -77,16 +89,29 @@ class Health:
             )
         except Exception as exc:  # a stuck or closed loop: let the kubelet restart us
             return 503, _TEXT, f"event loop not answering: {exc!r}\n".encode()
+        problem = self._database_problem()
+        down = self.clock() - self._answered
+        if problem is not None and down > self.down_seconds:
+            message = f"database unreachable for {down:.0f} s: {problem}\n"
+            return 503, _TEXT, message.encode()
         return 200, _TEXT, b"ok\n"
 
     def _ready(self) -> tuple[int, str, bytes]:
         if self.loop is None:
             return 503, _TEXT, b"starting\n"
-        try:
-            self.stores.get().ping()
-        except Exception as exc:
-            return 503, _TEXT, f"database not answering: {exc!r}\n".encode()
+        problem = self._database_problem()
+        if problem is not None:
+            return 503, _TEXT, f"database not answering: {problem}\n".encode()
         return 200, _TEXT, b"ok\n"
+
+    def _database_problem(self) -> str | None:
+        """None when PostgreSQL answers now; else what went wrong."""
+        try:
+            self.database.get().ping(timeout=_PING_TIMEOUT_SECONDS)
+        except Exception as exc:
+            return repr(exc)
+        self._answered = self.clock()
+        return None
 
 
 def run_operator(
@@ -94,8 +119,8 @@ def run_operator(
 ) -> None:
     """Run until SIGTERM: kopf in this thread, the HTTP endpoints in another."""
     operator = build_operator(KubeApi(load_client()), settings)
-    operator.stores.get()  # fail fast on a bad database URL, and migrate the schema
-    health = Health(operator.stores)
+    operator.database.get()  # fail fast on a bad database URL, and migrate the schema
+    health = Health(operator.database, settings.database_down_seconds)
     kopf.on.startup(registry=operator.registry)(health.started)
     settings.workspace_root.mkdir(parents=True, exist_ok=True)
     LOGGER.info(
@@ -118,4 +143,4 @@ def run_operator(
         )
     finally:
         server.stop()
-        operator.stores.close()
+        operator.database.close()

@@ -21,6 +21,7 @@ HTTP_PORT_VARIABLE = "SKYLAB_HTTP_PORT"
 RESYNC_VARIABLE = "SKYLAB_RESYNC_SECONDS"
 PROGRESS_VARIABLE = "SKYLAB_PROGRESS_SECONDS"
 RETRY_VARIABLE = "SKYLAB_RETRY_SECONDS"
+DATABASE_DOWN_VARIABLE = "SKYLAB_DATABASE_DOWN_SECONDS"
 # hostPath:/DIRECTORY, claim:NAME, or empty (an emptyDir: nothing kept between trials).
 COMPILE_CACHE_VARIABLE = "SKYLAB_COMPILE_CACHE"
 
@@ -40,8 +41,16 @@ class OperatorSettings:
     resync_seconds: float = 60.0
     # How often a running trial's log is read for its progress.
     progress_seconds: float = 10.0
-    # How long a handler that failed (API server or database unreachable) waits to retry.
-    retry_seconds: float = 10.0
+    # How long a handler that failed (API server or database unreachable) waits to retry:
+    # short, so that campaigns go on within seconds of an outage's end.
+    retry_seconds: float = 3.0
+    # Connections to PostgreSQL, shared by the handler threads, and how long a call
+    # waits for one while the server is away before it fails (and is retried).
+    database_connections: int = 8
+    database_timeout_seconds: float = 2.0
+    # How long PostgreSQL may be unreachable before the liveness probe fails, so that
+    # Kubernetes restarts an operator that cannot get back to it by itself.
+    database_down_seconds: float = 120.0
     # What trainer pods mount at /cache for torch.compile (see CompileCache).
     compile_cache: CompileCache = field(default_factory=CompileCache)
 
@@ -102,6 +111,7 @@ class OperatorSettings:
             http_port=int(number(HTTP_PORT_VARIABLE, 8080)),
             resync_seconds=number(RESYNC_VARIABLE, 60.0),
             progress_seconds=number(PROGRESS_VARIABLE, 10.0),
-            retry_seconds=number(RETRY_VARIABLE, 10.0),
+            retry_seconds=number(RETRY_VARIABLE, 3.0),
+            database_down_seconds=number(DATABASE_DOWN_VARIABLE, 120.0),
             compile_cache=compile_cache(COMPILE_CACHE_VARIABLE),
         )

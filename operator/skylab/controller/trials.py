@@ -75,7 +75,7 @@ class TrialController:
 
     def steps(self, context: CampaignContext) -> TrialSteps:
         return TrialSteps(
-            self.opener.stores.get(), context.record, context.config, context.workspace
+            self.opener.database.get(), context.record, context.config, context.workspace
         )
 
     def progress_source(self, namespace: str, name: str) -> ProgressSource | None:
@@ -103,7 +103,7 @@ class TrialController:
         the run when it cannot catch up with the best."""
         log = self.api.pod_log(namespace, source.pod, since)
         items = [p for p in map(parse_progress, log.splitlines()) if p is not None]
-        self.opener.stores.get().add_progress(source.trial.id, source.run, items)
+        self.opener.database.get().add_progress(source.trial.id, source.run, items)
         if not items or not source.pruner.best_curves:
             return
         # Reads overlap: the same step seen again replaces what was read of it.

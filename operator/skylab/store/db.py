@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
 
 from skylab.engine import RunView, Status, TrialView, Verdict, stats
 from skylab.errors import UserError
@@ -154,34 +155,57 @@ _CAMPAIGN = _columns([f.name for f in fields(CampaignRecord)])
 _TRIAL = _columns([f.name for f in fields(TrialRecord) if f.name != "runs"] + ["cost_usd"])
 _RUN = _columns([f.name for f in fields(RunRecord)])
 _NO_USAGE = Usage()  # a proposal that called no model
+# How long a call waits for a working connection while the server is away.
+DEFAULT_TIMEOUT_SECONDS = 10.0
 _ORDER: dict[Direction, sql.SQL] = {"minimize": sql.SQL("ASC"), "maximize": sql.SQL("DESC")}
 
 
 class Store:
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self._conn = conn
+    """The campaign records in PostgreSQL, over a pool of connections.
+
+    Every method is one transaction on a connection checked out of the pool: a
+    connection the server dropped (a restart, a network cut) is found by the pool's check
+    and replaced, so after an outage the next call works again, without a restart. While
+    the server is away a call fails within the pool's timeout (psycopg_pool.PoolTimeout,
+    an OperationalError) and the caller retries. One Store may be shared by threads.
+    """
+
+    def __init__(self, pool: ConnectionPool[psycopg.Connection[Any]]) -> None:
+        self._pool = pool
 
     @classmethod
-    def connect(cls, url: str, *, migrated: bool = False) -> Store:
+    def connect(
+        cls, url: str, *, connections: int = 1, timeout: float = DEFAULT_TIMEOUT_SECONDS
+    ) -> Store:
         """Connect to URL (a URI or conninfo string) and bring its schema up to date.
 
-        MIGRATED: another connection of this process already did.
+        CONNECTIONS: the most open at once (one per thread that uses the store at a time).
+        TIMEOUT: how long a call waits for a working connection before it fails.
         """
-        conn = psycopg.connect(url, autocommit=False)
-        try:
-            if not migrated:
-                migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return cls(conn)
+        pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=connections,
+            kwargs={"autocommit": False},
+            check=ConnectionPool.check_connection,
+            timeout=timeout,
+            # Never give up reconnecting: an outage ends when the server is back.
+            reconnect_timeout=0,
+            open=False,
+        )
+        # A first connection of its own migrates, so that a bad URL or a server that is
+        # not there fails now, with libpq's own message.
+        with psycopg.connect(url, autocommit=False) as conn:
+            migrate(conn)
+        pool.open()
+        return cls(pool)
 
     def close(self) -> None:
-        self._conn.close()
+        self._pool.close()
 
-    def ping(self) -> None:
-        """Raise unless the database answers."""
-        with self._transaction() as cursor:
+    def ping(self, timeout: float | None = None) -> None:
+        """Raise unless the database answers (within TIMEOUT, the pool's when None)."""
+        with self._transaction(timeout) as cursor:
             cursor.execute("SELECT 1")
 
     def __enter__(self) -> Store:
@@ -196,8 +220,12 @@ class Store:
         self.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Cursor[Row]]:
-        with self._conn.transaction(), self._conn.cursor(row_factory=dict_row) as cursor:
+    def _transaction(self, timeout: float | None = None) -> Iterator[psycopg.Cursor[Row]]:
+        with (
+            self._pool.connection(timeout) as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cursor,
+        ):
             yield cursor
 
     # Campaigns
