@@ -320,7 +320,7 @@ async def running_operator(
     finally:
         # kopf waits for the handlers in flight: on a loaded machine that takes a while.
         await thread.stop(timeout=120)
-        operator.database.close()
+        operator.close()
 
 
 def sweep_campaign(name: str, **spec: Any) -> dict[str, Any]:

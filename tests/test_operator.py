@@ -263,7 +263,7 @@ async def test_health_endpoints_answer_once_kopf_runs_and_postgresql_answers(
         await thread.stop(timeout=120)
     # the loop is gone: liveness fails, and the kubelet would restart the pod
     assert routes["/healthz"]()[0] == 503
-    operator.database.close()
+    operator.close()
 
 
 async def test_the_progress_daemon_ends_when_cancelled_with_its_stopper_unset(
@@ -284,4 +284,4 @@ async def test_the_progress_daemon_ends_when_cancelled_with_its_stopper_unset(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, timeout=30)
-    operator.database.close()
+    operator.close()

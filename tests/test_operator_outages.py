@@ -1,5 +1,6 @@
-"""The operator when PostgreSQL goes away in the middle of campaigns and comes back: it
-goes on by itself, within seconds, and nothing is lost or run twice.
+"""The operator when PostgreSQL goes away in the middle of campaigns and comes back (it
+goes on by itself, within seconds, and nothing is lost or run twice), and when the
+operator itself is down for a minute (the budget does not run meanwhile).
 
 PostgreSQL is reached through a proxy that drops every connection and refuses new
 ones for the outage (tests/db_outage.py). The operator runs with its default retry,
@@ -17,18 +18,22 @@ import pytest
 
 from db_outage import database_proxy
 from emulator import KubeEmulator
-from kubelet import (
+from kubelet import (  # noqa: F401  # the settings fixture registers under its own name
     CAMPAIGNS,
     GRID,
     JOBS,
     NAMESPACE,
     SLOW,
     TRIALS,
+    Outcome,
+    condition,
     kubelet,
+    mortal,
     operator_settings,
     phase_is,
     rows,
     running_operator,
+    settings_fixture,
     status,
     success,
     sweep_campaign,
@@ -43,6 +48,7 @@ from operator_harness import (  # noqa: F401  # fixtures register under their ow
 )
 from skylab.controller.main import Health
 from skylab.controller.settings import OperatorSettings
+from skylab.store import Store
 from toy_experiment import write_toy_experiment
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(900)]
@@ -116,3 +122,46 @@ async def test_campaigns_go_on_by_themselves_after_postgresql_was_away(
         assert all(state == "success" for _, state, _, _ in recorded)
         trials = [status(kube, TRIALS, job) for job in expected]
         assert all(t.get("decision") and t.get("runs") == 1 for t in trials)
+
+
+async def test_time_while_the_operator_was_down_spends_no_budget(
+    kube: KubeEmulator, settings: OperatorSettings, database_url: str
+) -> None:
+    released = asyncio.Event()
+
+    def script(number: int) -> Outcome | None:
+        if number == 2 and not released.is_set():
+            return None  # trial 2 trains until the operator is gone
+        return success(1.0 - number / 100)
+
+    # 45 s of budget: with the minute of downtime spent, it would end at once on restart.
+    campaign = sweep_campaign("down", budget={"maxTrials": 4, "wallClock": "45s"})
+    started = time.monotonic()
+    async with kubelet(kube, script):
+        async with running_operator(kube, settings) as (operator, thread):
+            dead = mortal(operator, thread)
+            await create(kube, CAMPAIGNS, campaign)
+            await eventually(
+                lambda: status(kube, TRIALS, "down-0002").get("phase") == "Running", timeout=SLOW
+            )
+            dead.set()
+        up = time.monotonic() - started
+        await asyncio.sleep(60)
+        released.set()  # its Job ends while no operator runs
+        with Store.connect(database_url) as store:
+            record = store.get_campaign(f"{NAMESPACE}/down")
+            assert record is not None
+            assert store.active_seconds(record.id) <= up + 1  # nothing of the minute
+        async with running_operator(kube, settings):
+            await eventually(lambda: phase_is(kube, "down", "Succeeded"), timeout=SLOW)
+    complete = condition(kube, "down", "Complete")
+    assert (complete["status"], complete["reason"]) == ("True", "MaxTrials"), complete
+    assert [status(kube, TRIALS, f"down-{n:04d}").get("decision") for n in range(1, 5)] == [
+        "Kept",
+        "Kept",
+        "Kept",
+        "Kept",
+    ]
+    with Store.connect(database_url) as store:
+        spent = store.active_seconds(record.id)
+    assert spent < time.monotonic() - started - 55, spent

@@ -238,3 +238,44 @@ def test_a_second_run_on_the_same_home_is_refused(tmp_path: Path, database_url: 
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "in use by another skylab run" in result.stderr
+
+
+def test_time_while_skylab_was_down_spends_no_budget(tmp_path: Path, database_url: str) -> None:
+    experiment = write_toy_experiment(tmp_path / "toy", GRID)
+    home = tmp_path / "home"
+    mark_prepared(home)
+    args = ["run", str(experiment), "--home", str(home), "--database-url", database_url]
+    args += ["--tag", "down", "--max-trials", "4", "--budget", "45s"]
+    process = subprocess.Popen(
+        skylab_command(*args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TOY_SLOW_LR": "0.5"},
+    )
+    started = time.monotonic()
+    _wait_for(lambda: len(_trials_or_none(database_url, "down")) == 2 and _training(process))
+    # The machine dies: skylab and its trial, at once, with no chance to record anything.
+    victims = [psutil.Process(process.pid), *_training(process)]
+    for victim in victims:
+        victim.kill()
+    psutil.wait_procs(victims, timeout=15)
+    process.communicate(timeout=60)
+    up = time.monotonic() - started
+    time.sleep(60)
+
+    with Store.connect(database_url) as store:
+        campaign = store.get_campaign("down")
+        assert campaign is not None
+        before = store.active_seconds(campaign.id)
+    assert before <= up + 1, (before, up)  # at most until it died: the 60 s are not in it
+    result = skylab(*args[:-2], "--resume")  # the budget as it was, 45 s
+    assert result.returncode == 0, result.stderr
+    # Had the 60 s counted, the campaign would have stopped at once on its budget.
+    with Store.connect(database_url) as store:
+        campaign = store.get_campaign("down")
+        assert campaign is not None and campaign.stop_reason == "ran the maximum of 4 trials"
+        spent = store.active_seconds(campaign.id)
+        trials = store.trials(campaign.id)
+    assert [t.status for t in trials] == ["success"] * 4
+    assert spent < time.monotonic() - started - 55, spent

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from skylab.activity import ActivityClock
 from skylab.engine import Verdict
 from skylab.errors import UserError
 from skylab.store import (
@@ -140,6 +142,11 @@ def test_trials_recorded_before_runs_existed_become_their_run_one(database_url: 
         [(1, "running", None, 3)],
     ]
     assert [t.run_count for t in trials] == [1, 1, 0, 0]
+    with Store.connect(database_url) as store:
+        # What it spent before activity was recorded: from its first trial to its last end.
+        first, last = trials[0].created_at, max(t.finished_at or t.created_at for t in trials)
+        spent = store.active_seconds(campaign.id)
+        assert spent == pytest.approx((last - first).total_seconds(), abs=1e-3)
     with psycopg.connect(database_url) as conn:
         assert migrate(conn) == []  # and applied once
 
@@ -694,3 +701,37 @@ def test_connections_the_server_dropped_are_replaced_without_an_error(
         ).fetchone()
     assert ended is not None and ended[0] >= 1  # the store's connection, as a restart would
     assert store.get_campaign(campaign.name) == campaign  # a new connection, no error
+
+
+def test_a_campaigns_budget_is_the_sum_of_its_stretches_of_activity(store: Store) -> None:
+    campaign = _campaign(store)
+    assert store.active_seconds(campaign.id) == 0.0
+    first = store.begin_activity(campaign.id)
+    time.sleep(0.4)
+    store.touch_activity([first])
+    time.sleep(0.6)  # the driver died: no stamp, nothing spent
+    second = store.begin_activity(campaign.id)
+    time.sleep(0.3)
+    store.touch_activity([second])
+    spent = store.active_seconds(campaign.id)
+    assert 0.7 <= spent < 0.95, spent
+    other = _campaign(store, "other")
+    assert store.active_seconds(other.id) == 0.0  # one campaign's time is its own
+
+
+def test_the_activity_clock_counts_driven_time_only(store: Store) -> None:
+    campaign = _campaign(store)
+    clock = ActivityClock(lambda: store, stamp_seconds=0.1).run()
+    try:
+        clock.start(campaign.id)
+        clock.start(campaign.id)  # once: the open stretch goes on
+        time.sleep(0.5)
+        assert 0.4 <= store.active_seconds(campaign.id) < 0.6  # stamped by its thread
+        clock.stop(campaign.id)
+        time.sleep(0.5)  # suspended
+        assert 0.45 <= clock.elapsed(campaign.id) < 0.6
+        clock.start(campaign.id)
+        time.sleep(0.2)
+        assert 0.65 <= clock.elapsed(campaign.id) < 0.85
+    finally:
+        clock.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from skylab import engine
+from skylab.activity import ActivityClock
 from skylab.config import ExperimentConfig
 from skylab.console import Console
 from skylab.errors import UserError
@@ -76,7 +77,7 @@ def run(request: RunRequest, console: Console) -> CampaignRecord:
             )
         with (
             open_database(request.database_url, request.home.postgres_dir) as url,
-            Store.connect(url) as store,
+            Store.connect(url, connections=2) as store,  # the loop, and the budget clock
         ):
             if strategy is None:
                 campaign = _resumed_campaign(store, request)
@@ -169,6 +170,7 @@ class _Loop:
         self.workspace = Workspace(request.home.workspace(campaign.name), campaign.name)
         self.steps = TrialSteps(store, campaign, config, self.workspace)
         self.executor = LocalExecutor(request.home.runs_dir(campaign.name))
+        self.clock = ActivityClock(lambda: store)
         settings = campaign.config
         self.limits = engine.CampaignLimits(
             max_trials=request.max_trials or settings.get("max_trials"),
@@ -189,6 +191,7 @@ class _Loop:
             f"in {self.workspace.git_dir}"
         )
         exhausted: str | None = None
+        self.clock.run().start(self.campaign.id)
         try:
             while True:
                 trials = self.steps.trials()
@@ -196,7 +199,7 @@ class _Loop:
                     [t.view() for t in trials],
                     self.limits,
                     self.steps.objective,
-                    _elapsed(trials),
+                    self.clock.elapsed(self.campaign.id),
                     exhausted,
                     self.steps.policy,
                 )
@@ -216,6 +219,9 @@ class _Loop:
         except KeyboardInterrupt as exc:
             self.store.set_campaign_status(self.campaign.id, "interrupted", "interrupted")
             raise CampaignInterrupted(self.campaign.name) from exc
+        finally:
+            self.clock.stop(self.campaign.id)
+            self.clock.close()
 
     def _propose(
         self, action: engine.Propose, trials: list[TrialRecord]
@@ -281,7 +287,7 @@ class _Loop:
                     self._say_verdict(settled.trial)
 
     def _judge(self, number: int) -> Settled:
-        spent = self.limits.budget_spent(_elapsed(self.steps.trials()))
+        spent = self.limits.budget_spent(self.clock.elapsed(self.campaign.id))
         return self.steps.settle(number, budget_spent=spent)
 
     def _settle(self, number: int, run: int, report: RunReport, pruned: str | None) -> None:
@@ -362,14 +368,3 @@ class _ProgressRecorder:
             self.store.add_progress(self.trial_id, self.run, self.pending)
             self.pending = []
         self.last_flush = time.monotonic()
-
-
-def _elapsed(trials: list[TrialRecord]) -> float:
-    """Seconds the campaign has spent running trials, across every resume: the best kept
-    trial's later runs count when they ran, not when it was decided."""
-    now = datetime.now(UTC)
-    return sum(
-        ((run.finished_at or now) - run.started_at).total_seconds()
-        for trial in trials
-        for run in trial.runs
-    )

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from skylab import engine
+from skylab.activity import ActivityClock
 from skylab.api.models import (
     API_VERSION,
     CampaignPhase,
@@ -89,12 +90,14 @@ class CampaignController:
         opener: CampaignOpener,
         locks: KeyedLocks,
         metrics: Metrics,
+        activity: ActivityClock,
         clock: Clock = lambda: datetime.now(UTC),
     ) -> None:
         self.api = api
         self.opener = opener
         self.locks = locks
         self.metrics = metrics
+        self.activity = activity
         self.clock = clock
 
     def reconcile(self, namespace: str, name: str) -> None:
@@ -152,19 +155,20 @@ class CampaignController:
         """Reconcile the Campaign BODY, opened as CONTEXT, with its lock held."""
         store = self.opener.database.get()
         self._repair(context, store)
-        started = self.started(body)
+        started = parse_timestamp((body.get("status") or {}).get("startTime")) or self.clock()
         outcome: engine.Stop | None = None
         if not context.spec.suspend:
-            outcome = self._start_trials(body, context, store, self.elapsed(body))
+            outcome = self._start_trials(body, context, store, self.elapsed(context))
+        # The budget runs while the Campaign is driven: not suspended, not finished.
+        if context.spec.suspend or outcome is not None:
+            self.activity.stop(context.record.id)
+        else:
+            self.activity.start(context.record.id)
         self._publish(body, context, store, started, outcome)
 
-    def started(self, body: Manifest) -> datetime:
-        """When the Campaign started (now, for one that has not yet)."""
-        return parse_timestamp((body.get("status") or {}).get("startTime")) or self.clock()
-
-    def elapsed(self, body: Manifest) -> float:
-        """Seconds of the Campaign's wall-clock budget spent."""
-        return (self.clock() - self.started(body)).total_seconds()
+    def elapsed(self, context: CampaignContext) -> float:
+        """Seconds of the Campaign's budget spent: the time it was driven."""
+        return self.activity.elapsed(context.record.id)
 
     def _repair(self, context: CampaignContext, store: Store) -> None:
         """Rows for Trials that have none; a running row whose Trial is gone is killed."""

@@ -11,6 +11,7 @@ from typing import Any
 import kopf
 
 from skylab import __version__
+from skylab.activity import ActivityClock
 from skylab.controller.campaigns import CampaignController
 from skylab.controller.context import CampaignOpener, Database, KeyedLocks
 from skylab.controller.events import LOGGER
@@ -37,6 +38,11 @@ class Operator:
     metrics: Metrics
     database: Database
 
+    def close(self) -> None:
+        """End the campaigns' activity stretches now, then close the database."""
+        self.campaigns.activity.close()
+        self.database.close()
+
 
 def build_operator(api: KubeApi, settings: OperatorSettings) -> Operator:
     database = Database(
@@ -46,7 +52,8 @@ def build_operator(api: KubeApi, settings: OperatorSettings) -> Operator:
     )
     metrics = Metrics()
     opener = CampaignOpener(api, database, settings)
-    campaigns = CampaignController(api, opener, KeyedLocks(), metrics)
+    activity = ActivityClock(lambda: database.get()).run()  # looked up at each call
+    campaigns = CampaignController(api, opener, KeyedLocks(), metrics, activity)
     trials = TrialController(api, campaigns)
     registry = kopf.OperatorRegistry()
     register(registry, campaigns, trials, metrics, settings)
@@ -143,4 +150,4 @@ def run_operator(
         )
     finally:
         server.stop()
-        operator.database.close()
+        operator.close()

@@ -143,7 +143,7 @@ class TrialController:
             return
         run = _going(row)
         if run is None:  # every run so far has ended: judge them
-            spent = context.limits.budget_spent(self.campaigns.elapsed(campaign))
+            spent = context.limits.budget_spent(self.campaigns.elapsed(context))
             settled = steps.settle(row.number, budget_spent=spent)
             if isinstance(settled.judgement, engine.Verdict):
                 if settled.decided_now:

@@ -574,6 +574,40 @@ class Store:
             runs = self._runs(cursor, [row["id"]]) if row is not None else {}
         return None if row is None else _trial(row, tuple(runs.get(row["id"], ())))
 
+    # Activity: the time a campaign was driven
+
+    def begin_activity(self, campaign_id: int) -> int:
+        """Record that a driver takes the campaign up now; the stretch's id."""
+        with self._transaction() as cursor:
+            row = cursor.execute(
+                "INSERT INTO campaign_activity (campaign_id) VALUES (%s) RETURNING id",
+                (campaign_id,),
+            ).fetchone()
+        assert row is not None
+        return int(row["id"])
+
+    def touch_activity(self, stretches: Sequence[int]) -> None:
+        """The driver is still at it: the STRETCHES last until now."""
+        if not stretches:
+            return
+        with self._transaction() as cursor:
+            cursor.execute(
+                "UPDATE campaign_activity SET seen_at = greatest(seen_at, now())"
+                " WHERE id = ANY(%s)",
+                (list(stretches),),
+            )
+
+    def active_seconds(self, campaign_id: int) -> float:
+        """The seconds the campaign was driven, over every stretch."""
+        with self._transaction() as cursor:
+            row = cursor.execute(
+                "SELECT coalesce(sum(extract(epoch FROM seen_at - started_at)), 0) AS seconds"
+                " FROM campaign_activity WHERE campaign_id = %s",
+                (campaign_id,),
+            ).fetchone()
+        assert row is not None
+        return float(row["seconds"])
+
     # Progress
 
     def add_progress(self, trial_id: int, run: int, items: Sequence[Progress]) -> None:
