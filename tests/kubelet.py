@@ -51,6 +51,7 @@ class Outcome:
     exit_code: int = 0
     container_reason: str = "Completed"  # e.g. OOMKilled, Error
     raw_message: str | None = None  # a termination message that is not a report
+    pod_status: dict[str, Any] = field(default_factory=dict)  # e.g. the reason Evicted
 
 
 def success(metric: float, vram_mb: float = 1000.0) -> Outcome:
@@ -66,6 +67,25 @@ def crash(message: str = "RuntimeError: boom") -> Outcome:
 
 def oom_killed() -> Outcome:
     return Outcome(None, "Failed", "BackoffLimitExceeded", 137, "OOMKilled")
+
+
+def evicted() -> Outcome:
+    """The kubelet evicted the pod (node pressure): no report."""
+    pod = {"reason": "Evicted", "message": "The node was low on resource: memory."}
+    return Outcome(None, "Failed", "BackoffLimitExceeded", 137, "Error", pod_status=pod)
+
+
+def preempted() -> Outcome:
+    """The scheduler preempted the pod for a higher-priority one: no report."""
+    condition = {
+        "type": "DisruptionTarget",
+        "status": "True",
+        "reason": "PreemptionByScheduler",
+        "message": "Preempted in order to admit critical pod",
+    }
+    return Outcome(
+        None, "Failed", "BackoffLimitExceeded", 143, "Error", pod_status={"conditions": [condition]}
+    )
 
 
 def deadline_exceeded() -> Outcome:
@@ -153,6 +173,7 @@ async def end_job(kube: KubeEmulator, name: str, outcome: Outcome) -> None:
         {
             "phase": phase,
             "containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}],
+            **outcome.pod_status,
         },
     )
     condition = {"type": outcome.job_condition, "status": "True", "reason": outcome.job_reason}

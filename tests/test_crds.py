@@ -133,11 +133,14 @@ _DELETE = object()
         ("spec.decision.z", 0),
         ("spec.decision.noise", "on"),
         ("spec.decision.pruneGrace", 1.5),
+        ("spec.decision.maxRuns", 0),
+        ("spec.decision.bestRuns", 0),
+        ("spec.trialTemplate.maxPreemptions", -1),
     ],
 )
 def test_schema_refuses_bad_campaigns(path: str, value: Any) -> None:
     assert _errors(CAMPAIGN, _with(path, value)), f"{path}={value!r} was accepted"
-    if path.startswith("spec.decision"):  # and the operator's own reading, naming the field
+    if path.startswith(("spec.decision", "spec.trialTemplate.max")):  # the operator too
         with pytest.raises(ValueError, match=re.escape(path.removeprefix("spec."))):
             CampaignSpec.model_validate(_with(path, value)["spec"])
 

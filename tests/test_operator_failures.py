@@ -27,10 +27,12 @@ from kubelet import (  # noqa: F401  # the settings fixture registers under its 
     condition,
     crash,
     deadline_exceeded,
+    evicted,
     kubelet,
     mortal,
     oom_killed,
     phase_is,
+    preempted,
     raw_report,
     rows,
     running_operator,
@@ -259,6 +261,51 @@ BOUNDARIES: dict[str, tuple[str, bool, Callable[..., bool]]] = {
         lambda namespace, name, status: "decision" in status,
     ),
 }
+
+
+@pytest.mark.parametrize("max_preemptions", [3, 1])
+async def test_a_preempted_or_evicted_run_is_run_again_not_counted_as_a_failure(
+    kube: KubeEmulator, settings: OperatorSettings, database_url: str, max_preemptions: int
+) -> None:
+    # Trial 2's first Job is preempted, its second evicted, its third succeeds.
+    def by_run(number: int, run: int) -> Outcome:
+        if number == 2 and run == 1:
+            return preempted()
+        if number == 2 and run == 2:
+            return evicted()
+        return success(1.0 - number / 100)
+
+    template = {"maxPreemptions": max_preemptions}
+    campaign = sweep_campaign("evict", budget={"maxTrials": 3}, trialTemplate=template)
+    async with running_operator(kube, settings), kubelet(kube, run_script=by_run):
+        await create(kube, CAMPAIGNS, campaign)
+        await eventually(lambda: phase_is(kube, "evict", "Succeeded"), timeout=SLOW)
+    second = status(kube, TRIALS, "evict-0002")
+    with Store.connect(database_url) as store:
+        record = store.get_campaign(f"{NAMESPACE}/evict")
+        assert record is not None
+        trial = store.get_trial(record.id, 2)
+        assert trial is not None
+    runs = [(run.number, run.status, run.seed) for run in trial.runs]
+    events = [stored(kube, "v1/events", NAMESPACE, e) or {} for e in names(kube, "v1/events")]
+    notices = [e["message"] for e in events if e.get("reason") == "Preempted"]
+    if max_preemptions == 3:
+        # Each lost run is run again with the same seed; the third attempt decides it.
+        assert runs == [(1, "killed", 42), (2, "killed", 42), (3, "success", 42)]
+        assert (second["decision"], second["runs"], second["preemptions"]) == ("Kept", 1, 2)
+        assert "evict-0002-r3" in names(kube, JOBS, NAMESPACE)
+        assert len(notices) == 2 and "PreemptionByScheduler" in notices[0]
+        assert "attempt 3 starts" in notices[1]
+    else:
+        # One preemption is run again; the eviction after it is a failure.
+        assert runs == [(1, "killed", 42), (2, "crash", 42)]
+        assert (second["phase"], second["reason"], second["preemptions"]) == (
+            "Failed",
+            "Evicted",
+            1,
+        )
+        assert len(notices) == 1
+    assert rows(database_url, "evict")[2][1] == "success"  # the campaign went on
 
 
 def kill_at(operator: Operator, thread: OperatorThread, boundary: str, trial: str) -> Event:

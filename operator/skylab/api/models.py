@@ -267,6 +267,12 @@ class TrialTemplate(ApiModel):
     tolerations: list[Toleration] = []
     priority_class_name: str | None = None
     queue_name: str | None = Field(default=None, description="Kueue LocalQueue")
+    max_preemptions: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="runs lost to preemption or eviction that are run again, per trial",
+    )
     env: list[EnvVar] = []
     data_volume: DataVolume | None = None
 
@@ -371,6 +377,9 @@ class Decision(StrEnum):
 class TrialStatus(ApiModel):
     phase: TrialPhase = TrialPhase.PENDING
     runs: int = Field(default=0, description="runs that ended (interrupted ones are not counted)")
+    preemptions: int = Field(
+        default=0, description="runs preempted or evicted, and run again (attempts - 1)"
+    )
     metric: float | None = Field(default=None, description="the mean over its successful runs")
     metric_sd: float | None = Field(default=None, description="their standard deviation")
     metrics: dict[str, float] = {}

@@ -33,10 +33,19 @@ class JobState:
     message: str = ""
 
 
+# Endings that say nothing of the trial: the cluster took its pod away (preemption, a
+# drained or lost node, eviction). Such a run is run again, up to maxPreemptions.
+DISRUPTIONS = frozenset({"Evicted", "Preempted", "PodLost"})
+
+
 @dataclass(frozen=True)
 class Ending:
     report: RunReport
     reason: str  # the Trial status reason: Completed, Crashed, OOMKilled, Evicted, ...
+
+    @property
+    def disrupted(self) -> bool:
+        return self.reason in DISRUPTIONS
 
 
 def job_state(job: Manifest) -> JobState:
@@ -89,9 +98,12 @@ def trial_ending(state: JobState, pods: list[Manifest], metric_name: str) -> End
     if pod_status.get("reason") == "Evicted":
         detail = pod_status.get("message") or "the node evicted the pod"
         return failed("Evicted", f"the pod was evicted without a report: {detail}")
+    disruption = _disruption(pod_status)
+    if disruption is not None:
+        return failed("Preempted", f"the pod was taken away without a report: {disruption}")
     if pod is None:
         detail = state.message or "its pod is gone (node lost or pod deleted)"
-        return failed("NoReport", f"the Job ended without a report: {detail}")
+        return failed("PodLost", f"the Job ended without a report: {detail}")
     init = _failed_init(pod)
     if terminated is None and init is not None:
         return failed("NoReport", f"the trainer never started: {init}")
@@ -142,6 +154,17 @@ def reporting_pod(pods: list[Manifest]) -> Manifest | None:
         return None
     first_index = rank(ordered[0])[0]
     return [p for p in ordered if rank(p)[0] == first_index][-1]
+
+
+def _disruption(pod_status: dict[str, Any]) -> str | None:
+    """Why the cluster stopped the pod (its DisruptionTarget condition: preemption, a
+    node drained or tainted, the eviction API), if it did."""
+    for condition in pod_status.get("conditions") or []:
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            reason = condition.get("reason") or "DisruptionTarget"
+            message = condition.get("message")
+            return f"{reason}: {message}" if message else str(reason)
+    return None
 
 
 def _terminated(pod: Manifest) -> dict[str, Any] | None:

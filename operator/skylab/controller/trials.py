@@ -238,9 +238,26 @@ class TrialController:
         if state.finished:
             pods = self.api.list_pods(context.namespace, run_pods(name, run.number))
             ending = trial_ending(state, pods, context.config.search.metric)
-            steps.record_run(row, run.number, ending.report)
+            report = ending.report
+            lost = _preemptions(row)
+            if ending.disrupted and lost < context.spec.trial_template.max_preemptions:
+                # The cluster took the pod away: the run says nothing of the trial, and
+                # the trial goes on with another run (its next attempt), not a failure.
+                message = f"{PREEMPTED} {report.message}"
+                report = RunReport(RunStatus.KILLED, report.metric_name, message=message)
+                post(
+                    trial,
+                    "Preempted",
+                    f"run {run.number} ({ending.reason}): {ending.report.message}; "
+                    f"attempt {lost + 2} starts",
+                    warning=True,
+                )
+            recorded = steps.record_run(row, run.number, report)
+            again = recorded.status == "killed" and recorded.message.startswith(PREEMPTED)
+            ended: dict[str, Any] = {"preemptions": lost + again}
             if not decided:
-                self.api.patch_trial_status(context.namespace, name, {"reason": ending.reason})
+                ended["reason"] = ending.reason
+            self.api.patch_trial_status(context.namespace, name, ended)
             return True
         if not decided and state.phase != status.get("phase"):
             patch: dict[str, object] = {"phase": str(state.phase)}
@@ -331,6 +348,17 @@ def _why(row: TrialRecord) -> str:
     return f"{row.decision_reason}: {row.message}"
 
 
+# How a run lost to preemption or eviction is recorded (killed, so it runs again).
+PREEMPTED = "preempted:"
+
+
+def _preemptions(row: TrialRecord) -> int:
+    """How many of the trial's runs the cluster took away and were run again."""
+    return sum(
+        1 for run in row.runs if run.status == "killed" and run.message.startswith(PREEMPTED)
+    )
+
+
 def _going(row: TrialRecord) -> RunRecord | None:
     return next((run for run in row.runs if run.status == "running"), None)
 
@@ -341,6 +369,7 @@ def _runs_status(row: TrialRecord) -> dict[str, Any]:
     measured = engine.stats(values)
     return {
         "runs": sum(1 for run in row.runs if run.view().counted),
+        "preemptions": _preemptions(row),
         "metric": None if measured is None else measured.mean,
         "metricSd": None if measured is None or measured.n < 2 else measured.sd,
     }
