@@ -14,6 +14,7 @@ from skylab.errors import UserError
 from skylab.executors.base import TrialLaunch
 from skylab.executors.kubernetes import (
     COMPLETION_INDEX,
+    DEFAULT_PULL_ALLOWANCE_SECONDS,
     REPORT_MARGIN_SECONDS,
     TRAINER_UID,
     CompileCache,
@@ -66,7 +67,10 @@ def test_single_gpu_job_follows_the_contract() -> None:
     }
     assert job["metadata"]["ownerReferences"] == [OWNER]
     spec = job["spec"]
-    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 900
+    # The trainer stops a trial at its wall time (900 s) from its own start; the Job's
+    # deadline allows for the image pull and the report on top.
+    deadline = 900 + REPORT_MARGIN_SECONDS + DEFAULT_PULL_ALLOWANCE_SECONDS
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == deadline
     assert "completionMode" not in spec and "suspend" not in spec
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
@@ -81,7 +85,7 @@ def test_single_gpu_job_follows_the_contract() -> None:
     assert env["SKYLAB_REPO_URL"].endswith("/git/c.git") and env["SKYLAB_COMMIT"] == COMMIT
     assert env["SKYLAB_COMMAND"] == "python train.py"
     assert env["SKYLAB_TIME_BUDGET"] == "300"
-    assert env["SKYLAB_MAX_WALL_TIME"] == str(900 - REPORT_MARGIN_SECONDS)
+    assert env["SKYLAB_MAX_WALL_TIME"] == "900"
     assert not any(name.startswith("PET_") for name in env)
 
 
@@ -365,3 +369,15 @@ def test_a_bad_compile_cache_setting_is_one_line_naming_the_variable(
     message = str(raised.value)
     assert message.startswith(f"{COMPILE_CACHE_VARIABLE}: ") and "\n" not in message
     assert expected in message and repr(value) in message
+
+
+def test_the_pull_allowance_is_the_operators_to_set() -> None:
+    job = trial_job(
+        _launch(),
+        TrialTemplate.model_validate({"image": "trainer:1"}),
+        namespace="research",
+        campaign="c",
+        owner=OWNER,
+        pull_allowance_seconds=60,
+    ).job
+    assert job["spec"]["activeDeadlineSeconds"] == 900 + REPORT_MARGIN_SECONDS + 60

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 
 from skylab.api.models import DNS_SUBDOMAIN
 from skylab.errors import UserError
-from skylab.executors.kubernetes import CompileCache
+from skylab.executors.kubernetes import DEFAULT_PULL_ALLOWANCE_SECONDS, CompileCache
 from skylab.experiments import search_path
 from skylab.store.url import URL_VARIABLE
 
@@ -22,6 +22,7 @@ RESYNC_VARIABLE = "SKYLAB_RESYNC_SECONDS"
 PROGRESS_VARIABLE = "SKYLAB_PROGRESS_SECONDS"
 RETRY_VARIABLE = "SKYLAB_RETRY_SECONDS"
 DATABASE_DOWN_VARIABLE = "SKYLAB_DATABASE_DOWN_SECONDS"
+PULL_ALLOWANCE_VARIABLE = "SKYLAB_PULL_ALLOWANCE_SECONDS"
 # hostPath:/DIRECTORY, claim:NAME, or empty (an emptyDir: nothing kept between trials).
 COMPILE_CACHE_VARIABLE = "SKYLAB_COMPILE_CACHE"
 
@@ -51,6 +52,9 @@ class OperatorSettings:
     # How long PostgreSQL may be unreachable before the liveness probe fails, so that
     # Kubernetes restarts an operator that cannot get back to it by itself.
     database_down_seconds: float = 120.0
+    # What a Job's deadline allows beyond the trial's wall time for its pod to start
+    # (pulling the trainer image on a cold node).
+    pull_allowance_seconds: float = DEFAULT_PULL_ALLOWANCE_SECONDS
     # What trainer pods mount at /cache for torch.compile (see CompileCache).
     compile_cache: CompileCache = field(default_factory=CompileCache)
 
@@ -113,5 +117,6 @@ class OperatorSettings:
             progress_seconds=number(PROGRESS_VARIABLE, 10.0),
             retry_seconds=number(RETRY_VARIABLE, 3.0),
             database_down_seconds=number(DATABASE_DOWN_VARIABLE, 120.0),
+            pull_allowance_seconds=number(PULL_ALLOWANCE_VARIABLE, DEFAULT_PULL_ALLOWANCE_SECONDS),
             compile_cache=compile_cache(COMPILE_CACHE_VARIABLE),
         )

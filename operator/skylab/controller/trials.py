@@ -286,6 +286,7 @@ class TrialController:
             campaign=context.name,
             owner=owner_reference(trial),
             compile_cache=self.opener.settings.compile_cache,
+            pull_allowance_seconds=self.opener.settings.pull_allowance_seconds,
         )
         if manifests.service is not None:
             self.api.create(manifests.service)

@@ -9,6 +9,7 @@ container mounts the operator's compile cache (CompileCache) at /cache.
 
 from __future__ import annotations
 
+import math
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +39,12 @@ CACHE_ENV = {
 }
 # The trainer's folder in a node's cache directory (see _cache_owner).
 CACHE_SUBPATH = f"uid-{TRAINER_UID}"
-# The trainer stops the command this long before the Job deadline, so that its
-# timeout report, not the deadline, ends the trial.
+# The trainer enforces a trial's wall time itself, from its own start. The Job's
+# deadline, counted from the Job's start, adds the time a pod may take to get its image
+# (a cold node pulling a 10 GB trainer image) and a margin for the trainer's report, so
+# that a trial is timed out by what it trained, never by the pull.
 REPORT_MARGIN_SECONDS = 30
+DEFAULT_PULL_ALLOWANCE_SECONDS = 900.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ def trial_job(
     owner: Manifest,
     experiment_path: str = ".",
     compile_cache: CompileCache = CompileCache(),
+    pull_allowance_seconds: float = DEFAULT_PULL_ALLOWANCE_SECONDS,
 ) -> TrialJob:
     """The Job (and Service) of one trial, owned by OWNER (the Trial's ownerReference)."""
     name = launch.name
@@ -133,7 +138,9 @@ def trial_job(
 
     job_spec: Manifest = {
         "backoffLimit": 0,
-        "activeDeadlineSeconds": int(launch.max_wall_time_seconds),
+        "activeDeadlineSeconds": math.ceil(
+            launch.max_wall_time_seconds + REPORT_MARGIN_SECONDS + pull_allowance_seconds
+        ),
         "template": {"metadata": {"labels": labels}, "spec": pod_spec},
     }
     if multi_node:
@@ -172,14 +179,13 @@ def _container(
     compile_cache: CompileCache,
 ) -> Manifest:
     command = distributed_command(launch.command, template.gpus_per_node, template.nodes)
-    trainer_wall_time = max(launch.max_wall_time_seconds - REPORT_MARGIN_SECONDS, 1)
     env: list[Manifest] = [
         _env("SKYLAB_REPO_URL", launch.repo),
         _env("SKYLAB_COMMIT", launch.commit),
         _env("SKYLAB_EXPERIMENT_PATH", experiment_path),
         _env("SKYLAB_COMMAND", command),
         _env("SKYLAB_TIME_BUDGET", f"{launch.time_budget_seconds:g}"),
-        _env("SKYLAB_MAX_WALL_TIME", f"{trainer_wall_time:g}"),
+        _env("SKYLAB_MAX_WALL_TIME", f"{launch.max_wall_time_seconds:g}"),
         _env("SKYLAB_METRIC_NAME", launch.metric_name),
         _env("SKYLAB_METRIC_PATTERN", launch.metric_pattern),
         _env("SKYLAB_TRIAL", name),
