@@ -5,6 +5,10 @@ The CLI runs in-process: importing the SDK costs a process minutes on a small ma
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,3 +179,67 @@ def test_a_bad_key_stops_the_run_before_anything_starts(
     with Store.connect(database_url) as store:
         assert store.get_campaign("nokey") is None
     assert not (tmp_path / "home" / "workspaces" / "nokey.git").exists()
+
+
+def test_a_resumed_llm_campaign_runs_its_interrupted_trial_again_without_a_new_proposal(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    database_url: str,
+    server: FakeAnthropic,
+) -> None:
+    server.script = Proposals(
+        [set_constant("LR", "0.25"), done("LR 0.1 -> 0.25")],
+        [set_constant("LR", "0.2"), done("LR 0.25 -> 0.2")],
+    )
+    experiment = _experiment(tmp_path, server)
+    monkeypatch.setenv("TOY_SLOW_LR", "0.25")  # trial 2 trains until it is interrupted
+    interrupted = threading.Event()
+
+    def interrupt_once_trial_2_trains() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with Store.connect(database_url) as store:
+                campaign = store.get_campaign("resume")
+                trial = None if campaign is None else store.get_trial(campaign.id, 2)
+            if trial is not None and any(run.status == "running" for run in trial.runs):
+                time.sleep(1.0)
+                interrupted.set()
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=interrupt_once_trial_2_trains, daemon=True).start()
+    first = _run(capsys, monkeypatch, tmp_path, experiment, database_url, "--tag", "resume")
+    assert interrupted.is_set() and first.returncode == 130, first.stderr
+    proposals = [r for r in server.messages_requests() if len(r.body["messages"]) == 1]
+    assert len(proposals) == 1
+
+    monkeypatch.delenv("TOY_SLOW_LR")
+    again = _run(
+        capsys,
+        monkeypatch,
+        tmp_path,
+        experiment,
+        database_url,
+        "--tag",
+        "resume",
+        "--resume",
+        "--max-trials",
+        "3",
+    )
+    assert again.returncode == 0, again.stderr
+    # Trial 2 got a new run of its commit: the model was asked once more, for trial 3.
+    proposals = [r for r in server.messages_requests() if len(r.body["messages"]) == 1]
+    assert len(proposals) == 2
+    assert "already tried" not in again.stderr
+    with Store.connect(database_url) as store:
+        campaign = store.get_campaign("resume")
+        assert campaign is not None
+        trials = store.trials(campaign.id)
+    assert [(t.status, t.description) for t in trials] == [
+        ("success", "baseline"),
+        ("success", "LR 0.1 -> 0.25"),
+        ("success", "LR 0.25 -> 0.2"),
+    ]
+    assert [run.status for run in trials[1].runs] == ["killed", "success"]
