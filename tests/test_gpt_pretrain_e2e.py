@@ -61,8 +61,9 @@ def check_noise_aware_decisions(trials: list[TrialRecord]) -> None:
             assert "reverted without confirmation" in trial.decision_reason
         else:
             assert trial.run_count == 3, trial
-            assert trial.decision_reason.startswith("kept: " if trial.kept else "not kept: ")
-            assert f"(n=3) against the best's {best.metric:.6f}" in trial.decision_reason
+            assert trial.decision_reason.startswith("kept: " if trial.kept else "not kept")
+            # the best's mean as it was then: it is measured again before confirmations
+            assert "(n=3) against the best's " in trial.decision_reason
             assert "sigma=" in trial.decision_reason
         best = trial if trial.kept else best
 
@@ -96,14 +97,16 @@ def test_a_sweep_of_the_real_experiment(tmp_path: Path, home: Path, database_url
         assert [t.description for t in trials] == ["baseline", "MATRIX_LR=0.01"]
         baseline = trials[0]
         assert baseline.kept and baseline.metric is not None and 0 < baseline.metric < 13
-        # the baseline ran 3 times, seeded apart; its mean and spread are the reference
-        assert [(r.number, r.seed, r.status) for r in baseline.runs] == [
+        # the baseline ran 3 times, seeded apart, then (before a confirmation) at most
+        # once more, up to the cpu profile's best_runs; its mean and spread are the reference
+        assert [(r.number, r.seed, r.status) for r in baseline.runs][:3] == [
             (1, 42, "success"),
             (2, 43, "success"),
             (3, 44, "success"),
         ]
+        assert [(r.number, r.seed) for r in baseline.runs[3:]] in ([], [(4, 45)])
         assert baseline.metric_sd is not None and baseline.metric_sd > 0
-        assert f"{baseline.metric:.6f} ± {baseline.metric_sd:.6f} (n=3)" in ran.stderr
+        assert "(n=3) -> kept (baseline: " in ran.stderr
         check_noise_aware_decisions(trials)
         for trial in trials[1:]:
             assert "+MATRIX_LR = " in trial.diff
