@@ -528,7 +528,8 @@ def plan(
     """
     running = [t for t in trials if t.status == "running"]
     settled = [t for t in trials if t.status not in ("running", "killed")]
-    carried = _carried(running, best_kept(settled, objective), policy)
+    best = best_kept(settled, objective)
+    carried = _carried(running, best, policy)
     number = max((t.number for t in trials), default=0) + 1
 
     def stop_or_wait(reason: EndReason, message: str) -> Stop | list[Start]:
@@ -565,7 +566,7 @@ def plan(
     slots = parallelism - len(running)
     if limits.max_trials is not None:
         slots = min(slots, limits.max_trials - len(settled) - len(running))
-    parent = best_kept(settled, objective) or baseline
+    parent = best or baseline
     proposals = [Propose(parent_commit=parent.commit, number=number + i) for i in range(slots)]
     return [*carried, *proposals]
 
