@@ -1,26 +1,35 @@
 """How fast the operator moves a campaign on: from a Job's completion to the next Job.
 
 Runs the real operator (kopf handlers, PostgreSQL, git workspaces) against the Kubernetes
-emulator of the tests, with N sweep campaigns of the toy experiment at once. A stand-in
-kubelet completes each Job as soon as it appears, so every second measured is the
-operator's: reading the report, recording it, deciding, committing the next trial,
-creating its Trial and its Job.
+emulator of the tests, with N sweep campaigns of the toy experiment at once. The emulator
+and a stand-in kubelet run in a process of their own, as an API server and the nodes
+would: they never take the operator's interpreter. The kubelet runs each Job the moment
+it appears, with the writes a cluster makes (the pod scheduled, running and terminated
+with the trainer's report; the Job active, ready and complete), so every second measured
+between a Job's end and the next Job is the operator's: reading the report, recording
+it, deciding, committing the next trial, creating its Trial and its Job.
 
     .venv/bin/python bench/operator_reaction.py --campaigns 4 --trials 6
 
 Prints the reaction time (Job completed -> the campaign's next Job created) as p50, p95
-and max, and the trials the operator handled per second.
+and max, the trials the operator handled per second, and the CPU seconds per trial that
+the operator's process and the cluster's process used.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import resource
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,86 +43,204 @@ from kubelet import (  # noqa: E402
     CAMPAIGNS,
     JOBS,
     NAMESPACE,
-    end_job,
+    PODS,
+    TRIALS,
     operator_settings,
     phase_is,
-    running_operator,
     success,
     sweep_campaign,
 )
 from operator_harness import (  # noqa: E402
+    OperatorThread,
     create,
     declare_resources,
-    names,
+    open_watches,
+    patch_status,
     point_clients_at,
 )
+from skylab.controller.kubeapi import KubeApi, load_client  # noqa: E402
+from skylab.controller.main import build_operator  # noqa: E402
 from skylab.store.embedded import embedded_postgres  # noqa: E402
 from toy_experiment import write_toy_experiment  # noqa: E402
 
 # Enough sweep points for any --trials up to 21.
 POINTS = ", ".join(f"{0.05 * n:.2f}" for n in range(1, 21))
 GRID = f"[strategy.sweep.parameters.LR]\nvalues = [{POINTS}]\n"
+STARTED_AT = "2026-01-01T00:00:00Z"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the cluster saw: when each Job appeared and ended, and how long it all took."""
+
+    seen: dict[str, float]
+    ended: dict[str, float]
+    elapsed: float
+    cpu_seconds: float
 
 
 class InstantKubelet:
-    """Completes every Job the moment it sees it, noting when it saw and ended each."""
+    """Runs every Job the moment it is created, noting when it saw and ended each."""
 
     def __init__(self, kube: KubeEmulator) -> None:
         self.kube = kube
+        self.created: asyncio.Queue[str] = asyncio.Queue()
         self.seen: dict[str, float] = {}
         self.ended: dict[str, float] = {}
+        self._running: set[asyncio.Task[None]] = set()
+
+    def notice(self, resource_name: str, name: str) -> None:
+        """The emulator stored a new object (called on its loop, without awaiting)."""
+        if resource_name == JOBS:
+            self.seen[name] = time.monotonic()
+            self.created.put_nowait(name)
 
     async def run(self) -> None:
         while True:
-            for job in names(self.kube, JOBS, NAMESPACE):
-                if job in self.seen:
-                    continue
-                self.seen[job] = time.monotonic()
-                number = int(job.rsplit("-", 1)[1])
-                await end_job(self.kube, job, success(1.0 - number / 100))
-                self.ended[job] = time.monotonic()
-            await asyncio.sleep(0.01)
+            job = await self.created.get()
+            task = asyncio.create_task(self._run_job(job))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
-    def reactions(self) -> list[float]:
-        """Seconds from each Job's end to the creation of its campaign's next Job."""
-        gaps = []
-        for job, ended in self.ended.items():
-            campaign, number = job.rsplit("-", 1)
-            following = f"{campaign}-{int(number) + 1:04d}"
-            if following in self.seen:
-                gaps.append(self.seen[following] - ended)
-        return gaps
+    async def _run_job(self, job: str) -> None:
+        pod = f"{job}-pod"
+        body = await create(
+            self.kube,
+            PODS,
+            {
+                "metadata": {
+                    "name": pod,
+                    "labels": self._pod_labels(job),
+                    "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+                },
+                "spec": {"containers": [{"name": "trainer", "image": "trainer"}]},
+            },
+        )
+        assert body["metadata"]["name"] == pod
+        await self._set(pod, job, "Pending", {"waiting": {"reason": "ContainerCreating"}}, 0)
+        await self._set(pod, job, "Running", {"running": {"startedAt": STARTED_AT}}, 1)
+        number = int(job.rsplit("-", 1)[1])
+        report = success(1.0 - number / 100).report
+        assert report is not None
+        terminated = {"exitCode": 0, "reason": "Completed", "message": report.to_json()}
+        state = {"phase": "Succeeded", "containerStatuses": [_trainer({"terminated": terminated})]}
+        await patch_status(self.kube, PODS, NAMESPACE, pod, state)
+        done = {"type": "Complete", "status": "True", "reason": ""}
+        job_status = {"active": 0, "ready": 0, "succeeded": 1, "conditions": [done]}
+        await patch_status(self.kube, JOBS, NAMESPACE, job, job_status)
+        self.ended[job] = time.monotonic()
+
+    def _pod_labels(self, job: str) -> dict[str, str]:
+        stored = self.kube.objects[self.kube.resource(JOBS), NAMESPACE, job].raw
+        labels: dict[str, str] = stored["spec"]["template"]["metadata"]["labels"]
+        return {**labels, "job-name": job}
+
+    async def _set(self, pod: str, job: str, phase: str, state: dict[str, Any], ready: int) -> None:
+        pod_status = {"phase": phase, "containerStatuses": [_trainer(state)]}
+        await patch_status(self.kube, PODS, NAMESPACE, pod, pod_status)
+        await patch_status(self.kube, JOBS, NAMESPACE, job, {"active": 1, "ready": ready})
 
 
-async def measure(campaigns: int, trials: int, workdir: Path, database_url: str) -> None:
+def _trainer(state: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "trainer", "state": state}
+
+
+class NoticingEmulator(KubeEmulator):
+    """The emulator, telling the kubelet of each object it creates."""
+
+    kubelet: InstantKubelet | None = None
+
+    def _create(self, request: Any) -> Any:
+        body = super()._create(request)
+        if self.kubelet is not None and request.resource == self.resource(JOBS):
+            self.kubelet.notice(JOBS, body["metadata"]["name"])
+        return body
+
+
+def cluster(campaigns: int, trials: int, pipe: Connection) -> None:
+    """The cluster's process: the API server and the kubelet, until told to stop."""
+    asyncio.run(_serve(campaigns, trials, pipe))
+
+
+async def _serve(campaigns: int, trials: int, pipe: Connection) -> None:
+    async with NoticingEmulator() as kube, Server(kube):
+        declare_resources(kube)
+        await create(kube, "v1/namespaces", {"metadata": {"name": NAMESPACE}}, namespace=None)
+        kubelet = InstantKubelet(kube)
+        kube.kubelet = kubelet
+        player = asyncio.create_task(kubelet.run())
+        pipe.send(str(kube.url).rstrip("/"))
+        wanted = {kube.resource(name) for name in (CAMPAIGNS, TRIALS, JOBS)}
+        while not wanted <= open_watches(kube):
+            await asyncio.sleep(0.05)
+        pipe.send("watching")  # the operator has started: its start-up is not measured
+        cpu_before = _cpu_seconds()
+        started = time.monotonic()
+        for index in range(campaigns):
+            body = sweep_campaign(f"bench{index}", budget={"maxTrials": trials})
+            await create(kube, CAMPAIGNS, body)
+        while not all(phase_is(kube, f"bench{index}", "Succeeded") for index in range(campaigns)):
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - started
+        pipe.send(Outcome(kubelet.seen, kubelet.ended, elapsed, _cpu_seconds() - cpu_before))
+        await asyncio.to_thread(pipe.recv)  # the operator has stopped
+        player.cancel()
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time and that of the children it has waited for (git's)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure(campaigns: int, trials: int, workdir: Path, database_url: str) -> None:
     experiments = workdir / "experiments"
     write_toy_experiment(experiments / "toy", GRID)
-    settings = operator_settings(workdir, database_url, experiments)
-    async with KubeEmulator() as kube, Server(kube):
-        declare_resources(kube)
-        with pytest.MonkeyPatch.context() as patch:
-            point_clients_at(str(kube.url).rstrip("/"), workdir / "kubeconfig", patch)
-            await create(kube, "v1/namespaces", {"metadata": {"name": NAMESPACE}}, namespace=None)
-            kubelet = InstantKubelet(kube)
-            player = asyncio.create_task(kubelet.run())
-            async with running_operator(kube, settings):
-                started = time.monotonic()
-                for index in range(campaigns):
-                    body = sweep_campaign(f"bench{index}", budget={"maxTrials": trials})
-                    await create(kube, CAMPAIGNS, body)
-                while not all(
-                    phase_is(kube, f"bench{index}", "Succeeded") for index in range(campaigns)
-                ):
-                    await asyncio.sleep(0.05)
-                elapsed = time.monotonic() - started
-            player.cancel()
-    report(kubelet, campaigns, trials, elapsed)
+    # The tests' settings, but the chart's timers: a Campaign's resync every 60 s, the logs
+    # of its running trials read every 10 s.
+    settings = replace(
+        operator_settings(workdir, database_url, experiments),
+        resync_seconds=60,
+        progress_seconds=10,
+    )
+    ours, theirs = multiprocessing.Pipe()
+    process = multiprocessing.get_context("spawn").Process(
+        target=cluster, args=(campaigns, trials, theirs), daemon=True
+    )
+    process.start()
+    server: str = ours.recv()
+    with pytest.MonkeyPatch.context() as patch:
+        point_clients_at(server, workdir / "kubeconfig", patch)
+        operator = build_operator(KubeApi(load_client()), settings)
+        thread = OperatorThread(operator.registry)
+        thread.start()
+        ours.recv()  # kopf watches: the campaigns are created now
+        cpu_before = _cpu_seconds()
+        outcome: Outcome = ours.recv()
+        operator_cpu = _cpu_seconds() - cpu_before
+        asyncio.run(thread.stop(timeout=120))
+        operator.close()
+    ours.send("stopped")
+    process.join(30)
+    report(outcome, campaigns, trials, operator_cpu)
 
 
-def report(kubelet: InstantKubelet, campaigns: int, trials: int, elapsed: float) -> None:
-    gaps = sorted(kubelet.reactions())
-    handled = len(kubelet.ended)
-    print(f"campaigns {campaigns} x {trials} trials: {handled} Jobs run in {elapsed:.1f}s")
+def reactions(outcome: Outcome) -> list[float]:
+    """Seconds from each Job's end to the creation of its campaign's next Job."""
+    gaps = []
+    for job, ended in outcome.ended.items():
+        campaign, number = job.rsplit("-", 1)
+        following = f"{campaign}-{int(number) + 1:04d}"
+        if following in outcome.seen:
+            gaps.append(outcome.seen[following] - ended)
+    return gaps
+
+
+def report(outcome: Outcome, campaigns: int, trials: int, operator_cpu: float) -> None:
+    gaps = sorted(reactions(outcome))
+    handled = len(outcome.ended)
+    print(f"campaigns {campaigns} x {trials} trials: {handled} Jobs run in {outcome.elapsed:.1f}s")
     if gaps:
         p95 = gaps[min(len(gaps) - 1, round(0.95 * (len(gaps) - 1)))]
         print(
@@ -121,7 +248,12 @@ def report(kubelet: InstantKubelet, campaigns: int, trials: int, elapsed: float)
             f"p50 {statistics.median(gaps) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
             f"max {gaps[-1] * 1000:.0f} ms"
         )
-    print(f"throughput: {handled / elapsed:.2f} trials/s")
+    print(f"throughput: {handled / outcome.elapsed:.2f} trials/s")
+    if handled:
+        print(
+            f"CPU per trial: operator {operator_cpu / handled * 1000:.0f} ms, "
+            f"cluster (emulator and kubelet) {outcome.cpu_seconds / handled * 1000:.0f} ms"
+        )
 
 
 def main() -> None:
@@ -136,7 +268,7 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="skylab-bench-") as tmp,
         embedded_postgres(Path(tmp) / "postgres") as url,
     ):
-        asyncio.run(measure(args.campaigns, args.trials, Path(tmp) / "work", url))
+        measure(args.campaigns, args.trials, Path(tmp) / "work", url)
 
 
 if __name__ == "__main__":

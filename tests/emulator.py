@@ -17,7 +17,7 @@ import random
 import re
 import string
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import aiohttp.web
@@ -171,6 +171,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _changes: list[Change] = attrs.field(factory=list, init=False)  # never compacted: no 410s
     _results: dict[kmock.Request, Body] = attrs.field(factory=dict, init=False)
     _changed: asyncio.Condition = attrs.field(init=False)
+    # The objects by resource, for lists and watches that would otherwise scan them all.
+    _by_resource: dict[kmock.resource, dict[Key, kmock.Object]] = attrs.field(
+        factory=dict, init=False
+    )
 
     @_changed.default
     def _make_changed(self) -> asyncio.Condition:
@@ -223,6 +227,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             self.objects[key].history.append(obj)
         else:
             self.objects[key] = obj
+            self._by_resource.setdefault(key[0], {})[key] = self.objects[key]
         self._changes.append(Change(self._rv, key, type, copy.deepcopy(obj), old))
         self._changed.notify_all()
         return obj
@@ -394,6 +399,17 @@ class KubeEmulator(kmock.KubernetesEmulator):
         same_name = request.name in (None, name)
         return resource == request.resource and request.namespace in (None, namespace) and same_name
 
+    def _stored(self, resource: kmock.resource) -> Iterator[tuple[Key, kmock.Object]]:
+        """The objects stored under RESOURCE (and a few of others: callers filter)."""
+        if sum(map(len, self._by_resource.values())) != len(self.objects):
+            # Objects assigned to `objects` directly, not through _write: index them all.
+            self._by_resource = {}
+            for key, obj in self.objects.items():
+                self._by_resource.setdefault(key[0], {})[key] = obj
+        for stored, objects in list(self._by_resource.items()):
+            if stored == resource:
+                yield from list(objects.items())
+
     async def _serve_list(self, request: kmock.Request) -> kmock.Payload:
         assert request.resource is not None
         if request.resource not in self._get_resources():
@@ -401,7 +417,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         matches = selector(request.params)
         items = [
             copy.deepcopy(obj.raw)
-            for key, obj in self.objects.items()
+            for key, obj in self._stored(request.resource)
             if not obj.deleted and self._visible(request, key) and matches(obj.raw)
         ]
         info = self._info(request.resource)
@@ -422,7 +438,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             index = len(self._changes)
             initial = [
                 {"type": "ADDED", "object": copy.deepcopy(obj.raw)}
-                for key, obj in self.objects.items()
+                for key, obj in self._stored(request.resource)
                 if not obj.deleted and self._visible(request, key) and matches(obj.raw)
             ]
         for event in initial:

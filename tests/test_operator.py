@@ -12,6 +12,7 @@ import inspect
 from threading import Event
 from typing import Any
 
+import kmock
 import kopf
 import pytest
 from kopf._core.intents.stoppers import DaemonStopper
@@ -87,6 +88,16 @@ async def test_a_sweep_campaign_runs_to_succeeded_keeping_what_improves(
     assert final["baseline"]["value"] == 1.0
     complete = condition(kube, "sweep", "Complete")
     assert (complete["status"], complete["reason"]) == ("True", "MaxTrials")
+    # A Trial is written through its status only: no finalizer, no kopf bookkeeping (each
+    # would be one more write, and one more event to handle, for every trial).
+    trial_writes = [
+        request
+        for request in kube
+        if request.resource == kube.resource(TRIALS)
+        and request.method in (kmock.method.PATCH, kmock.method.PUT)
+    ]
+    assert trial_writes and all(request.subresource == "status" for request in trial_writes)
+    assert all(not stored(kube, TRIALS, NAMESPACE, t)["metadata"].get("finalizers") for t in trials)
 
 
 def job(kube: KubeEmulator, name: str) -> dict[str, Any]:
@@ -273,13 +284,13 @@ async def test_the_progress_daemon_ends_when_cancelled_with_its_stopper_unset(
     # the daemon has to end then, or the operator never exits.
     operator = await asyncio.to_thread(build_operator, KubeApi(load_client()), settings)
     spawning = operator.registry._spawning.get_all_handlers()
-    (daemon,) = [h for h in spawning if str(h.id).endswith("trial_progress")]
+    (daemon,) = [h for h in spawning if str(h.id).endswith("campaign_progress")]
     assert inspect.iscoroutinefunction(daemon.fn), "a sync daemon cannot be cancelled"
     stopper = DaemonStopper()
     task = asyncio.create_task(
-        daemon.fn(namespace=NAMESPACE, name="absent-0001", stopped=stopper.async_waiter)
+        daemon.fn(namespace=NAMESPACE, name="absent", stopped=stopper.async_waiter)
     )
-    await asyncio.sleep(settings.progress_seconds * 3)  # a few reads of an absent trial
+    await asyncio.sleep(settings.progress_seconds * 3)  # a few reads of an absent campaign
     assert not task.done()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

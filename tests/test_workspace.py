@@ -159,3 +159,53 @@ def test_a_lock_of_a_live_git_process_is_left_alone(workspace: tuple[Workspace, 
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_commit_keeps_every_byte_of_its_files_and_names(
+    workspace: tuple[Workspace, str],
+) -> None:
+    ws, root = workspace
+    content = "π = 3.14  # ünïcode\r\nLR = 0.2\n\n\nno newline at the end"
+    edits = [
+        FileEdit("train.py", content),
+        FileEdit("dir with spaces/new file.py", "x = 1\n"),
+        FileEdit('"quoted".py', "y = 2\n"),
+        FileEdit("empty.py", ""),
+    ]
+    message = "LR=0.2\n\ndata 3\nM 100644 inline evil\n"  # fast-import's words, as text
+    commit = ws.commit_trial(2, root, edits, message)
+    for edit in edits:
+        shown = subprocess.run(
+            ["git", "--git-dir", str(ws.git_dir), "show", f"{commit}:{edit.path}"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        assert shown == edit.content.encode()
+    assert ws.read_file(commit, "prepare.py") == "SEQ = 8\n"  # the parent's, carried over
+    shown_message = subprocess.run(
+        ["git", "--git-dir", str(ws.git_dir), "log", "-1", "--format=%B", commit],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert shown_message.rstrip("\n") == message.rstrip("\n")
+    assert (
+        _git(ws.git_dir, "log", "-1", "--format=%an <%ae>", commit) == "skylab <skylab@localhost>"
+    )
+
+
+def test_a_trial_committed_again_replaces_its_ref(workspace: tuple[Workspace, str]) -> None:
+    # A proposal redone after a restart: the trial's ref moves to the new commit.
+    ws, root = workspace
+    first = ws.commit_trial(2, root, [FileEdit("train.py", "LR = 0.2\n")], "first")
+    again = ws.commit_trial(2, root, [FileEdit("train.py", "LR = 0.3\n")], "again")
+    assert first != again
+    assert _git(ws.git_dir, "rev-parse", trial_ref(2)) == again
+
+
+def test_a_commit_on_an_unknown_parent_is_a_git_error(workspace: tuple[Workspace, str]) -> None:
+    ws, _ = workspace
+    with pytest.raises(GitError, match="fast-import"):
+        ws.commit_trial(2, "1" * 40, [FileEdit("train.py", "LR = 0.2\n")], "orphan")
+    with pytest.raises(subprocess.CalledProcessError):
+        _git(ws.git_dir, "rev-parse", "--verify", trial_ref(2))

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from skylab.store.db import Store
 
@@ -21,13 +23,25 @@ STAMP_SECONDS = 5.0
 LOGGER = logging.getLogger("skylab.activity")
 
 
+@dataclass(frozen=True)
+class _Stretch:
+    id: int
+    spent_before: float  # the campaign's seconds of earlier stretches
+    began: float  # time.monotonic() when it began
+
+
 class ActivityClock:
-    """The open stretches of the campaigns one driver drives, stamped by a thread."""
+    """The open stretches of the campaigns one driver drives, stamped by a thread.
+
+    A campaign with an open stretch has its spent time counted here, from what its earlier
+    stretches add up to and the stretch's own start: asked at every decision, it needs no
+    query. The database holds the same within one stamp's interval.
+    """
 
     def __init__(self, store: Callable[[], Store], stamp_seconds: float = STAMP_SECONDS) -> None:
         self.store = store
         self.stamp_seconds = stamp_seconds
-        self._open: dict[int, int] = {}  # campaign id -> its open stretch's id
+        self._open: dict[int, _Stretch] = {}  # by campaign id
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -36,28 +50,30 @@ class ActivityClock:
         """The campaign is driven from now on (once: an open stretch goes on)."""
         with self._lock:
             if campaign_id not in self._open:
-                self._open[campaign_id] = self.store().begin_activity(campaign_id)
+                store = self.store()
+                before = store.active_seconds(campaign_id)
+                stretch = store.begin_activity(campaign_id)
+                self._open[campaign_id] = _Stretch(stretch, before, time.monotonic())
 
     def stop(self, campaign_id: int) -> None:
         """The campaign is no longer driven (suspended, finished): its stretch ends now."""
         with self._lock:
             stretch = self._open.pop(campaign_id, None)
         if stretch is not None:
-            self.store().touch_activity([stretch])
+            self.store().touch_activity([stretch.id])
 
     def elapsed(self, campaign_id: int) -> float:
         """The seconds of the campaign's budget spent, up to now."""
         with self._lock:
             stretch = self._open.get(campaign_id)
-        store = self.store()
         if stretch is not None:
-            store.touch_activity([stretch])
-        return store.active_seconds(campaign_id)
+            return stretch.spent_before + time.monotonic() - stretch.began
+        return self.store().active_seconds(campaign_id)
 
     def stamp(self) -> None:
         """Every open stretch lasts until now."""
         with self._lock:
-            stretches = list(self._open.values())
+            stretches = [stretch.id for stretch in self._open.values()]
         self.store().touch_activity(stretches)
 
     def run(self) -> ActivityClock:

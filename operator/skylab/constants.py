@@ -7,6 +7,7 @@ lines and every other byte of the file stay exactly as they were.
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import re
 from collections import Counter
@@ -127,14 +128,21 @@ class ModuleConstants:
         return start, line_starts[node.end_lineno - 1] + node.end_col_offset
 
 
+@functools.lru_cache(maxsize=32)
+def module_constants(source: str) -> ModuleConstants:
+    """SOURCE's constants, parsed once for each text (a sweep reads the same train.py
+    at every proposal); UserError when it is not valid Python."""
+    return ModuleConstants(source)
+
+
 def read_constants(source: str) -> dict[str, ConstantValue]:
     """Every rewritable module-level UPPER_CASE constant of SOURCE and its value."""
-    return ModuleConstants(source).values
+    return module_constants(source).values
 
 
 def rewrite_constants(source: str, values: Mapping[str, ConstantValue]) -> str:
     """SOURCE with the named constants set to VALUES; UserError naming a bad constant."""
-    return ModuleConstants(source).rewrite(values)
+    return module_constants(source).rewrite(values)
 
 
 def _simple_assignments(tree: ast.Module) -> Iterator[tuple[str, ast.expr]]:

@@ -9,11 +9,12 @@ directory, which skylab only ever reads.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import subprocess
-import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -57,17 +58,16 @@ class Workspace:
         # Trainers fetch trial commits by hash; their refs are not under refs/heads.
         workspace._git("config", "uploadpack.allowAnySHA1InWant", "true")
         edits = [FileEdit(path, content) for path, content in sorted(files.items())]
-        root = workspace._commit(None, edits, f"baseline of campaign {campaign}")
-        workspace.advance(root)
+        root = workspace._commit(
+            f"refs/heads/{workspace.branch}", None, edits, f"baseline of campaign {campaign}"
+        )
         return workspace, root
 
     def commit_trial(
         self, number: int, parent: str, edits: Iterable[FileEdit], message: str
     ) -> str:
         """Commit EDITS on PARENT as trial NUMBER and point the trial's ref at it."""
-        commit = self._commit(parent, list(edits), message)
-        self._git("update-ref", trial_ref(number), commit)
-        return commit
+        return self._commit(trial_ref(number), parent, list(edits), message)
 
     def mark_baseline(self, number: int, commit: str) -> None:
         self._git("update-ref", trial_ref(number), commit)
@@ -80,58 +80,83 @@ class Workspace:
         return self._git("rev-parse", f"refs/heads/{self.branch}")
 
     def read_file(self, commit: str, path: str) -> str:
+        if _COMMIT_ID.fullmatch(commit):  # a commit's files never change: read them once
+            return _file_of_commit(str(self.git_dir), commit, path)
         return self._git("show", f"{commit}:{path}", strip=False)
 
     def diff(self, parent: str, commit: str) -> str:
         return self._git("diff", "--no-color", parent, commit, strip=False)
 
-    def _commit(self, parent: str | None, edits: list[FileEdit], message: str) -> str:
-        with tempfile.TemporaryDirectory(prefix="skylab-index-") as scratch:
-            # A private index keeps concurrent commits (parallel trials) apart.
-            index = {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
-            if parent is not None:
-                self._git("read-tree", parent, env=index)
-            for edit in edits:
-                blob = self._git("hash-object", "-w", "--stdin", stdin=edit.content)
-                self._git(
-                    "update-index", "--add", "--cacheinfo", f"100644,{blob},{edit.path}", env=index
-                )
-            tree = self._git("write-tree", env=index)
-        parents = ["-p", parent] if parent is not None else []
-        return self._git("commit-tree", tree, *parents, "-m", message)
+    def _commit(self, ref: str, parent: str | None, edits: list[FileEdit], message: str) -> str:
+        """Commit EDITS on PARENT (None: a root commit of EDITS alone) and point REF at it.
 
-    def _git(
-        self,
-        *args: str,
-        env: Mapping[str, str] | None = None,
-        stdin: str | None = None,
-        strip: bool = True,
-    ) -> str:
-        return _git(self.git_dir, *args, env=env, stdin=stdin, strip=strip)
+        One git process: fast-import writes the blobs, the tree, the commit and the ref
+        (through a lock file, as update-ref does), and prints the commit's id.
+        """
+        now = int(time.time())
+        person = (
+            f"{_IDENTITY['GIT_COMMITTER_NAME']} <{_IDENTITY['GIT_COMMITTER_EMAIL']}> {now} +0000"
+        )
+        stream = [f"commit {ref}\nmark :1\nauthor {person}\ncommitter {person}\n".encode()]
+        stream.append(_data(message))
+        if parent is not None:
+            stream.append(f"from {parent}\n".encode())
+        for edit in edits:
+            stream.append(f"M 100644 inline {_quoted(edit.path)}\n".encode())
+            stream.append(_data(edit.content))
+        stream.append(b"get-mark :1\ndone\n")
+        return self._git("fast-import", "--quiet", "--force", "--done", stdin=b"".join(stream))
+
+    def _git(self, *args: str, stdin: bytes | None = None, strip: bool = True) -> str:
+        return _git(self.git_dir, *args, stdin=stdin, strip=strip)
+
+
+def _data(text: str) -> bytes:
+    """TEXT as a fast-import data block: its length in bytes, then the bytes."""
+    raw = text.encode()
+    return b"data %d\n" % len(raw) + raw + b"\n"
+
+
+def _quoted(path: str) -> str:
+    """PATH as fast-import reads it: C-style quoted when it starts with a quote or holds
+    a line break, else as it is."""
+    if not path.startswith('"') and "\n" not in path:
+        return path
+    escaped = path.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+_COMMIT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+@functools.lru_cache(maxsize=64)
+def _file_of_commit(git_dir: str, commit: str, path: str) -> str:
+    return _git(Path(git_dir), "show", f"{commit}:{path}", strip=False)
 
 
 def _git(
     git_dir: Path | None,
     *args: str,
-    env: Mapping[str, str] | None = None,
-    stdin: str | None = None,
+    stdin: bytes | None = None,
     strip: bool = True,
 ) -> str:
     command = ["git", *(["--git-dir", str(git_dir)] if git_dir else []), *args]
     for _ in range(2):
+        # Bytes in and out: fast-import counts its data in bytes, whatever the locale.
         result = subprocess.run(
             command,
             input=stdin,
             capture_output=True,
-            text=True,
-            env={**os.environ, **_IDENTITY, **(env or {})},
+            env={**os.environ, **_IDENTITY},
             check=False,
         )
+        stderr = result.stderr.decode(errors="replace")
         if result.returncode == 0:
-            return result.stdout.strip() if strip else result.stdout
-        if git_dir is None or not _removed_stale_lock(git_dir, result.stderr):
+            stdout = result.stdout.decode()
+            return stdout.strip() if strip else stdout
+        if git_dir is None or not _removed_stale_lock(git_dir, stderr):
             break
-    raise GitError(f"git {args[0]} failed: {result.stderr.strip()}")
+    raise GitError(f"git {args[0]} failed: {stderr.strip()}")
 
 
 _LOCK_HELD = re.compile(r"Unable to create '([^']+\.lock)': File exists")

@@ -114,6 +114,7 @@ class CampaignController:
             except CampaignSetupError as exc:
                 self._fail_setup(body, exc)
                 return
+            self._repair(context, self.opener.database.get())
             self.advance(body, context)
 
     def delete(self, namespace: str, name: str, uid: str) -> None:
@@ -152,19 +153,21 @@ class CampaignController:
         )
 
     def advance(self, body: Manifest, context: CampaignContext) -> None:
-        """Reconcile the Campaign BODY, opened as CONTEXT, with its lock held."""
+        """Start the trials the Campaign BODY (opened as CONTEXT) is due, and publish its
+        status, with its lock held. Its records are repaired by its own reconcile only:
+        a trial's verdict needs no repair of the others' rows first."""
         store = self.opener.database.get()
-        self._repair(context, store)
         started = parse_timestamp((body.get("status") or {}).get("startTime")) or self.clock()
         outcome: engine.Stop | None = None
+        rows = store.trials(context.record.id)
         if not context.spec.suspend:
-            outcome = self._start_trials(body, context, store, self.elapsed(context))
+            outcome = self._start_trials(body, context, store, rows, self.elapsed(context))
         # The budget runs while the Campaign is driven: not suspended, not finished.
         if context.spec.suspend or outcome is not None:
             self.activity.stop(context.record.id)
         else:
             self.activity.start(context.record.id)
-        self._publish(body, context, store, started, outcome)
+        self._publish(body, context, store, rows, started, outcome)
 
     def elapsed(self, context: CampaignContext) -> float:
         """Seconds of the Campaign's budget spent: the time it was driven."""
@@ -180,11 +183,14 @@ class CampaignController:
                 for ref in trial["metadata"].get("ownerReferences") or []
             )
         ]
+        rows = store.trials(context.record.id)
+        recorded = {row.number for row in rows}
         for trial in trials:
-            self.ensure_row(context, store, trial)
+            if TrialSpec.model_validate(trial["spec"]).number not in recorded:
+                self.ensure_row(context, store, trial)
         names = {trial["metadata"]["name"] for trial in trials}
         steps = TrialSteps(store, context.record, context.config, context.workspace)
-        for row in store.trials(context.record.id):
+        for row in rows:
             if row.status == "running" and trial_name(context.name, row.number) not in names:
                 message = "the Trial was deleted before it finished"
                 for run in row.runs:
@@ -198,12 +204,17 @@ class CampaignController:
     # The steps of one reconcile
 
     def _start_trials(
-        self, body: Manifest, context: CampaignContext, store: Store, elapsed: float
+        self,
+        body: Manifest,
+        context: CampaignContext,
+        store: Store,
+        rows: list[TrialRecord],
+        elapsed: float,
     ) -> engine.Stop | None:
-        """Start trials until the engine says wait (None) or stop."""
+        """Start trials until the engine says wait (None) or stop. ROWS, the campaign's
+        trials as read just before, gets each trial started (or skipped) here."""
         exhausted: str | None = None
         while True:
-            rows = store.trials(context.record.id)
             actions = engine.plan(
                 [row.view() for row in rows],
                 context.limits,
@@ -224,7 +235,11 @@ class CampaignController:
                 baseline = context.record.config["baseline_commit"]
                 context.workspace.mark_baseline(action.number, baseline)
                 proposal = Proposal(description="baseline", edits=())
-                self._create_trial(body, context, store, action.number, baseline, None, proposal)
+                rows.append(
+                    self._create_trial(
+                        body, context, store, action.number, baseline, None, proposal
+                    )
+                )
                 continue
             # A proposal in flight when the operator dies left nothing behind: it is redone.
             steps = TrialSteps(store, context.record, context.config, context.workspace)
@@ -238,7 +253,7 @@ class CampaignController:
                 exhausted = found.message
                 continue
             if isinstance(found, Skipped):
-                steps.skip(action, context.strategy.name, found)
+                rows.append(steps.skip(action, context.strategy.name, found))
                 name = trial_name(context.name, action.number)
                 post(body, "ProposalSkipped", f"{name}: {found.reason}", warning=True)
                 continue
@@ -246,7 +261,9 @@ class CampaignController:
                 action.number, action.parent_commit, found.edits, found.description
             )
             parent = action.parent_commit
-            self._create_trial(body, context, store, action.number, commit, parent, found)
+            rows.append(
+                self._create_trial(body, context, store, action.number, commit, parent, found)
+            )
 
     def _create_trial(
         self,
@@ -257,7 +274,7 @@ class CampaignController:
         commit: str,
         parent: str | None,
         proposal: Proposal,
-    ) -> None:
+    ) -> TrialRecord:
         name = trial_name(context.name, number)
         recorded = {
             "params": dict(proposal.params),
@@ -285,8 +302,9 @@ class CampaignController:
             "spec": spec.model_dump(by_alias=True, exclude_none=True),
         }
         trial = self.api.create(manifest)
-        self.ensure_row(context, store, trial)
+        row = self.ensure_row(context, store, trial)
         post(campaign, "TrialCreated", f"{name}: {proposal.description}")
+        return row
 
     # Status
 
@@ -295,10 +313,10 @@ class CampaignController:
         body: Manifest,
         context: CampaignContext,
         store: Store,
+        rows: list[TrialRecord],
         started: datetime,
         outcome: engine.Stop | None,
     ) -> None:
-        rows = store.trials(context.record.id)
         old = body.get("status") or {}
         if context.spec.suspend:
             phase = CampaignPhase.SUSPENDED
@@ -313,7 +331,8 @@ class CampaignController:
             outcome.message if outcome else ("suspended" if context.spec.suspend else None)
         )
         if (context.record.status, context.record.stop_reason) != (record_status, stop_reason):
-            store.set_campaign_status(context.record.id, record_status, stop_reason)
+            written = store.set_campaign_status(context.record.id, record_status, stop_reason)
+            self.opener.recorded(context.namespace, context.name, written)
 
         reason, message = _phase_reason(phase, outcome, rows)
         wall_clock = context.limits.budget_seconds

@@ -117,6 +117,8 @@ class CampaignOpener:
         self.database = database
         self.settings = settings
         self._parsed: dict[tuple[str, int | None], tuple[ExperimentConfig, Strategy]] = {}
+        # Each campaign's row as last read or written: the operator is its only writer.
+        self._records: dict[tuple[str, str], CampaignRecord] = {}
 
     def repo_dir(self, namespace: str, name: str) -> Path:
         return self.settings.workspace_root / namespace / f"{name}.git"
@@ -137,14 +139,9 @@ class CampaignOpener:
             spec = CampaignSpec.model_validate(body.get("spec") or {})
         except ValidationError as exc:
             raise CampaignSetupError("InvalidSpec", first_error(exc, "spec")) from None
-        store = self.database.get()
-        record = store.get_campaign(database_name(namespace, name))
-        if record is not None and record.config.get("uid") != uid:
-            # A deleted Campaign of the same name whose clean-up never ran.
-            store.rename_campaign(record.id, f"{record.name}@{record.config.get('uid', '?')[:8]}")
-            record = None
-        if record is None:
-            record = self._set_up(namespace, name, uid, spec)
+        record = self._records.get((namespace, name))
+        if record is None or record.config.get("uid") != uid:
+            record = self._record(namespace, name, uid, spec)
         key = (uid, meta.get("generation"))
         cached = self._parsed.get(key)
         if cached is None:
@@ -170,7 +167,26 @@ class CampaignOpener:
             repo_url=f"{self.settings.git_url}/{namespace}/{name}.git",
         )
 
+    def recorded(self, namespace: str, name: str, record: CampaignRecord) -> None:
+        """RECORD is the campaign's row as just written."""
+        self._records[(namespace, name)] = record
+
+    def _record(self, namespace: str, name: str, uid: str, spec: CampaignSpec) -> CampaignRecord:
+        """The row of the Campaign of UID, set up first if it has none."""
+        store = self.database.get()
+        record = store.get_campaign(database_name(namespace, name))
+        if record is not None and record.config.get("uid") != uid:
+            # A deleted Campaign of the same name whose clean-up never ran.
+            store.rename_campaign(record.id, f"{record.name}@{record.config.get('uid', '?')[:8]}")
+            record = None
+        if record is None:
+            record = self._set_up(namespace, name, uid, spec)
+        self._records[(namespace, name)] = record
+        return record
+
     def remove_workspace(self, namespace: str, name: str) -> None:
+        """Remove the campaign's repository and snapshot (its row is no longer ours)."""
+        self._records.pop((namespace, name), None)
         shutil.rmtree(self.repo_dir(namespace, name), ignore_errors=True)
         shutil.rmtree(self.snapshot_dir(namespace, name), ignore_errors=True)
 

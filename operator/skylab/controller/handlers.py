@@ -8,6 +8,7 @@ Every handler is counted in the error metric when it raises; kopf retries it.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,18 +16,23 @@ from typing import Any
 import kopf
 
 from skylab.api.models import GROUP, VERSION
-from skylab.controller.campaigns import CampaignController
+from skylab.controller.campaigns import TERMINAL, CampaignController
 from skylab.controller.events import LOGGER
+from skylab.controller.kubeapi import KubeApi
 from skylab.controller.metrics import Metrics
+from skylab.controller.reports import JobState, job_state
 from skylab.controller.settings import OperatorSettings
-from skylab.controller.trials import ProgressFollower, TrialController
+from skylab.controller.trials import CampaignProgress, TrialController
 from skylab.executors.kubernetes import CAMPAIGN_LABEL, TRIAL_LABEL
 
 ANNOTATION_PREFIX = GROUP
+FINISHED = tuple(str(phase) for phase in TERMINAL)
 CAMPAIGNS = (GROUP, VERSION, "campaigns")
 TRIALS = (GROUP, VERSION, "trials")
-# How often a failed Job event is tried in all before the Trial's timer takes over.
-JOB_EVENT_ATTEMPTS = 20
+JOBS = ("batch", "v1", "jobs")
+# How often a failed sync of a Trial or Job event is tried in all before the Campaign's
+# timer takes over.
+SYNC_ATTEMPTS = 20
 Handler = Callable[..., Any]
 
 
@@ -70,6 +76,12 @@ def register(
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
 
+    # Every Campaign and Trial event kopf receives is kept: the controllers read them from
+    # memory. Async, so run on the event loop at once, before the handlers of the event.
+    @kopf.on.event(*CAMPAIGNS, registry=registry)
+    async def campaign_seen(event: Mapping[str, Any], **_: Any) -> None:
+        _observe(campaigns.api, CAMPAIGNS, event)
+
     def campaign_changed(namespace: str | None, name: str, **_: Any) -> None:
         campaigns.reconcile(_namespaced(namespace), name)
 
@@ -77,8 +89,15 @@ def register(
     kopf.on.resume(*CAMPAIGNS, registry=registry, backoff=retry)(reconcile_campaign)
     kopf.on.create(*CAMPAIGNS, registry=registry, backoff=retry)(reconcile_campaign)
     kopf.on.update(*CAMPAIGNS, field="spec", registry=registry, backoff=retry)(reconcile_campaign)
+
+    # One timer per Campaign, not per Trial: kopf puts a finalizer on every object that
+    # has a timer or a daemon, two more writes for each trial.
+    def campaign_resync(namespace: str | None, name: str, **_: Any) -> None:
+        campaigns.reconcile(_namespaced(namespace), name)
+        trials.sync_undecided(_namespaced(namespace), name)
+
     kopf.timer(*CAMPAIGNS, interval=settings.resync_seconds, backoff=retry, registry=registry)(
-        reconcile_campaign
+        counted("campaign-resync", campaign_resync)
     )
 
     @kopf.on.delete(*CAMPAIGNS, registry=registry, backoff=retry)
@@ -86,66 +105,91 @@ def register(
         delete = counted("campaign-delete", campaigns.delete)
         delete(namespace=_namespaced(namespace), name=name, uid=uid)
 
-    def trial_changed(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> None:
-        trials.sync(_namespaced(namespace), name, spec["campaign"])
-
-    sync_trial = counted("trial", trial_changed)
-    kopf.on.resume(*TRIALS, registry=registry, backoff=retry)(sync_trial)
-    kopf.on.create(*TRIALS, registry=registry, backoff=retry)(sync_trial)
-    kopf.timer(
-        *TRIALS, interval=settings.resync_seconds, backoff=retry, registry=registry, when=_undecided
-    )(sync_trial)
-
     # Async, so that cancelling it ends it at the next await: kopf stops a daemon spawned
     # while the operator exits by cancellation alone, and a thread looping on `stopped`
     # would keep the operator from exiting. The blocking reads run in worker threads.
-    @kopf.daemon(*TRIALS, registry=registry, when=_running, backoff=retry, cancellation_timeout=5)
-    async def trial_progress(
+    @kopf.daemon(
+        *CAMPAIGNS, registry=registry, when=_not_finished, backoff=retry, cancellation_timeout=5
+    )
+    async def campaign_progress(
         namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any
     ) -> None:
         interval = settings.progress_seconds
-        follower = ProgressFollower(trials, _namespaced(namespace), name, interval)
+        follower = CampaignProgress(trials, _namespaced(namespace), name, interval)
         read = counted("trial-progress", follower.read)
         while not stopped:
             await asyncio.to_thread(read)
             await stopped.wait(interval)
 
-    # kopf never retries an event handler: a Job event that fails (the database or the
-    # API server away) is retried here, every RETRY seconds for a while, then left to the
-    # Trial's timer.
+    # A Trial is synced when it appears: created, or listed when the operator starts (kopf
+    # gives no type then). Its later changes are the operator's own status writes.
+    @kopf.on.event(*TRIALS, registry=registry)
+    async def trial_seen(event: Mapping[str, Any], **_: Any) -> None:
+        _observe(campaigns.api, TRIALS, event)
+        body = event["object"]
+        if event.get("type") in (None, "ADDED") and not _decided(body):
+            where = {
+                "namespace": _namespaced(body["metadata"].get("namespace")),
+                "name": body["metadata"]["name"],
+                "campaign": body["spec"]["campaign"],
+            }
+            await _retrying(counted("trial", trials.sync), where, retry)
+
+    # A Job's events are synced when its state changes: the states a Job goes through
+    # with no change of its state (more pods scheduled, say) leave nothing to do.
+    synced_states: dict[str, JobState] = {}
+
     @kopf.on.event(
-        "batch",
-        "v1",
-        "jobs",
+        *JOBS,
         labels={TRIAL_LABEL: kopf.PRESENT, CAMPAIGN_LABEL: kopf.PRESENT},
         registry=registry,
     )
-    async def job_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-        sync = counted("job", trials.sync)
+    async def job_event(
+        type: str | None, body: kopf.Body, uid: str, labels: Mapping[str, str], **_: Any
+    ) -> None:
+        campaigns.api.observe(JOBS[2], type, copy.deepcopy(dict(body)))
+        state = job_state(dict(body))
+        if type == "DELETED":
+            synced_states.pop(uid, None)
+        elif synced_states.get(uid) == state:
+            return
         where = {
-            "namespace": _namespaced(namespace),
+            "namespace": _namespaced(body.metadata.namespace),
             "name": labels[TRIAL_LABEL],
             "campaign": labels[CAMPAIGN_LABEL],
         }
-        for attempt in range(1, JOB_EVENT_ATTEMPTS + 1):
-            try:
-                await asyncio.to_thread(sync, **where)
-                return
-            except Exception as exc:
-                if attempt == JOB_EVENT_ATTEMPTS:
-                    raise
-                LOGGER.warning(
-                    "job event of trial %s failed (%s); retrying in %g s", where["name"], exc, retry
-                )
-                await asyncio.sleep(retry)
+        await _retrying(counted("job", trials.sync), where, retry)
+        if type != "DELETED":
+            synced_states[uid] = state
 
 
-def _undecided(status: kopf.Status, **_: Any) -> bool:
-    return not status.get("decision")
+async def _retrying(sync: Handler, where: Mapping[str, str], retry: float) -> None:
+    """kopf never retries an event handler: a sync that fails (the database or the API
+    server away) is retried here, every RETRY seconds for a while, then left to the
+    Campaign's timer."""
+    for attempt in range(1, SYNC_ATTEMPTS + 1):
+        try:
+            await asyncio.to_thread(sync, **where)
+            return
+        except Exception as exc:
+            if attempt == SYNC_ATTEMPTS:
+                raise
+            LOGGER.warning(
+                "sync of trial %s failed (%s); retrying in %g s", where["name"], exc, retry
+            )
+            await asyncio.sleep(retry)
 
 
-def _running(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") == "Running"
+def _observe(api: KubeApi, resource: tuple[str, str, str], event: Mapping[str, Any]) -> None:
+    api.observe(resource[2], event.get("type"), copy.deepcopy(event["object"]))
+
+
+def _decided(trial: Mapping[str, Any]) -> bool:
+    return bool((trial.get("status") or {}).get("decision"))
+
+
+def _not_finished(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") not in FINISHED
 
 
 def _namespaced(namespace: str | None) -> str:

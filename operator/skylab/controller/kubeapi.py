@@ -17,6 +17,8 @@ from urllib.parse import quote
 from kubernetes import client, config
 
 from skylab.api.models import GROUP, VERSION
+from skylab.controller.cache import ObjectCache
+from skylab.executors.kubernetes import CAMPAIGN_LABEL
 
 Manifest = dict[str, Any]
 _JSON = "application/json"
@@ -57,54 +59,104 @@ def _batch(namespace: str, plural: str, name: str = "") -> str:
     return f"{path}/{name}" if name else path
 
 
+def _plural(kind: str) -> str:
+    return kind.lower() + "s"
+
+
 def _path_of(manifest: Manifest) -> str:
     """The collection a manifest is created in."""
     namespace = manifest["metadata"]["namespace"]
     api_version, kind = manifest["apiVersion"], manifest["kind"]
-    plural = kind.lower() + "s"
+    plural = _plural(kind)
     if api_version == "v1":
         return _core(namespace, plural)
     return f"/apis/{api_version}/namespaces/{namespace}/{plural}"
 
 
+# The kinds whose latest state the operator keeps (see cache.py): those it watches.
+CACHED = ("campaigns", "trials", "jobs")
+
+
 class KubeApi:
     def __init__(self, api_client: client.ApiClient) -> None:
         self._client = api_client
+        self.cache = ObjectCache(group_by=CAMPAIGN_LABEL)
 
-    # Campaigns and Trials
+    # Campaigns, Trials and their Jobs: read from the cache, which watch events and
+    # writes keep fresh
+
+    def observe(self, plural: str, event_type: str | None, body: Manifest) -> None:
+        """A watch event of one of the CACHED kinds."""
+        meta = body["metadata"]
+        if event_type == "DELETED":
+            self.cache.forget(plural, meta["namespace"], meta["name"])
+        else:
+            self.cache.remember(plural, body)
 
     def get_campaign(self, namespace: str, name: str) -> Manifest | None:
-        return self._get(_custom(namespace, "campaigns", name))
+        return self._get_cached("campaigns", _custom(namespace, "campaigns", name))
 
     def patch_campaign_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-        self._patch(_custom(namespace, "campaigns", name) + "/status", {"status": status})
+        self._patch_status("campaigns", namespace, name, status)
 
     def list_trials(self, namespace: str, campaign: str, label: str) -> list[Manifest]:
         return self._list(_custom(namespace, "trials"), f"{label}={campaign}")
 
     def get_trial(self, namespace: str, name: str) -> Manifest | None:
-        return self._get(_custom(namespace, "trials", name))
+        return self._get_cached("trials", _custom(namespace, "trials", name))
+
+    def known_trials(self, namespace: str, campaign: str) -> list[Manifest]:
+        """The campaign's Trials as the watch last showed them (no call is made)."""
+        return self.cache.group("trials", namespace, campaign)
 
     def patch_trial_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-        self._patch(_custom(namespace, "trials", name) + "/status", {"status": status})
+        self._patch_status("trials", namespace, name, status)
+
+    def _get_cached(self, plural: str, path: str) -> Manifest | None:
+        """The object at PATH (.../namespaces/NS/PLURAL/NAME), from the cache if it has it."""
+        *_, namespace, _, name = path.split("/")
+        body = self.cache.get(plural, namespace, name)
+        if body is None:
+            body = self._get(path)
+            if body is not None:
+                self.cache.remember(plural, body)
+        return body
+
+    def _patch_status(
+        self, plural: str, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None:
+        path = _custom(namespace, plural, name) + "/status"
+        try:
+            stored = self._request(
+                "PATCH", path, body={"status": dict(status)}, content_type=_MERGE_PATCH
+            )
+        except KubeError as exc:
+            if exc.status == 404:
+                self.cache.forget(plural, namespace, name)
+            raise
+        self.cache.remember(plural, stored)
 
     # Trial workloads
 
     def create(self, manifest: Manifest) -> Manifest:
         """Create MANIFEST; when its name is taken, the object that holds it."""
         try:
-            return self._request("POST", _path_of(manifest), body=manifest)
+            created = self._request("POST", _path_of(manifest), body=manifest)
         except KubeError as exc:
             if exc.status != 409:
                 raise
-        metadata = manifest["metadata"]
-        existing = self._get(f"{_path_of(manifest)}/{metadata['name']}")
-        if existing is None:  # deleted between the two calls: the caller retries
-            raise KubeError(409, f"{metadata['name']} exists and is being deleted")
-        return existing
+            metadata = manifest["metadata"]
+            existing = self._get(f"{_path_of(manifest)}/{metadata['name']}")
+            if existing is None:  # deleted between the two calls: the caller retries
+                raise KubeError(409, f"{metadata['name']} exists and is being deleted") from None
+            created = existing
+        plural = _plural(manifest["kind"])
+        if plural in CACHED:
+            self.cache.remember(plural, created)
+        return created
 
     def get_job(self, namespace: str, name: str) -> Manifest | None:
-        return self._get(_batch(namespace, "jobs", name))
+        return self._get_cached("jobs", _batch(namespace, "jobs", name))
 
     def delete_job(self, namespace: str, name: str) -> None:
         """Delete a Job and, in the background, its pods; a Job already gone is no error."""
@@ -114,6 +166,7 @@ class KubeApi:
         except KubeError as exc:
             if exc.status != 404:
                 raise
+        self.cache.forget("jobs", namespace, name)
 
     def list_pods(self, namespace: str, selector: str) -> list[Manifest]:
         return self._list(_core(namespace, "pods"), selector)
@@ -161,9 +214,6 @@ class KubeApi:
         listed = self._request("GET", f"{path}?labelSelector={quote(selector)}")
         items: list[Manifest] = listed.get("items") or []
         return items
-
-    def _patch(self, path: str, patch: Mapping[str, Any]) -> None:
-        self._request("PATCH", path, body=dict(patch), content_type=_MERGE_PATCH)
 
     def _request(
         self,

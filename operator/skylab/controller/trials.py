@@ -73,6 +73,21 @@ class TrialController:
             else:
                 self._sync(*opened, trial)
 
+    def sync_undecided(self, namespace: str, campaign: str) -> None:
+        """Sync each Trial of CAMPAIGN without a verdict (the resync of missed events)."""
+        for trial in self.api.known_trials(namespace, campaign):
+            if not (trial.get("status") or {}).get("decision"):
+                self.sync(namespace, trial["metadata"]["name"], campaign)
+
+    def running(self, namespace: str, campaign: str) -> list[tuple[str, str]]:
+        """CAMPAIGN's Trials whose Job runs: each Trial's name and its Job's."""
+        running = []
+        for trial in self.api.known_trials(namespace, campaign):
+            status = trial.get("status") or {}
+            if status.get("phase") == str(TrialPhase.RUNNING) and status.get("jobName"):
+                running.append((trial["metadata"]["name"], status["jobName"]))
+        return running
+
     def steps(self, context: CampaignContext) -> TrialSteps:
         return TrialSteps(
             self.opener.database.get(), context.record, context.config, context.workspace
@@ -142,7 +157,9 @@ class TrialController:
             self.campaigns.advance(campaign, context)
             return
         run = _going(row)
-        if run is None:  # every run so far has ended: judge them
+        if run is None and not row.view().counted_runs:  # none has ended: its first run
+            run = steps.start_run(row)
+        elif run is None:  # every run so far has ended: judge them
             spent = context.limits.budget_spent(self.campaigns.elapsed(context))
             settled = steps.settle(row.number, budget_spent=spent)
             if isinstance(settled.judgement, engine.Verdict):
@@ -407,3 +424,26 @@ class ProgressFollower:
         self.trials.record_progress(self.namespace, self._source, self._since)
         # Overlapping reads: progress rows upsert by step.
         self._since = int(self.interval * 3) + 1
+
+
+class CampaignProgress:
+    """Follows the logs of a campaign's running trials, a ProgressFollower each, one read
+    of each per call."""
+
+    def __init__(self, trials: TrialController, namespace: str, campaign: str, interval: float):
+        self.trials = trials
+        self.namespace = namespace
+        self.campaign = campaign
+        self.interval = interval
+        self._followers: dict[tuple[str, str], ProgressFollower] = {}
+
+    def read(self) -> None:
+        running = self.trials.running(self.namespace, self.campaign)
+        # Followed by trial and Job: a trial's next run is its next Job, followed afresh.
+        self._followers = {
+            (name, job): self._followers.get((name, job))
+            or ProgressFollower(self.trials, self.namespace, name, self.interval)
+            for name, job in running
+        }
+        for follower in self._followers.values():
+            follower.read()

@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 
 from skylab.config import SweepSettings
-from skylab.constants import ConstantValue, ModuleConstants, Number
+from skylab.constants import ConstantValue, ModuleConstants, Number, module_constants
 from skylab.errors import UserError
 from skylab.strategies.base import Exhausted, FileEdit, PastTrial, Proposal, ProposalContext
 
@@ -36,7 +36,7 @@ class SweepStrategy:
         """A sweep needs no service."""
 
     def propose(self, context: ProposalContext) -> Proposal | Exhausted:
-        constants = ModuleConstants(context.read_file(self.settings.file))
+        constants = module_constants(context.read_file(self.settings.file))
         space = _Space(self.settings, constants)
         tried = self._tried(context.history)
         current = constants.values
@@ -72,7 +72,7 @@ class SweepStrategy:
 def validate_sweep(settings: SweepSettings, source: str) -> None:
     """UserError (naming the parameter and what was expected) unless SOURCE fits SETTINGS."""
     try:
-        space = _Space(settings, ModuleConstants(source))
+        space = _Space(settings, module_constants(source))
         for name in settings.parameters:
             if not space.values(name):
                 raise UserError(f"{name}: the int range holds no integer")
