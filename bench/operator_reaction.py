@@ -31,6 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +195,23 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def measure(campaigns: int, trials: int, workdir: Path, database_url: str) -> None:
+def _database_cpu_seconds(data_dir: Path) -> float:
+    """The CPU time so far of the PostgreSQL server under DATA_DIR: its postmaster and
+    the backends (the operator's pooled connections live as long as the run)."""
+    postmaster = psutil.Process(int((data_dir / "postmaster.pid").read_text().split()[0]))
+    total = 0.0
+    for process in [postmaster, *postmaster.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue  # a backend that ended meanwhile: its time is lost to both readings
+        total += times.user + times.system
+    return total
+
+
+def measure(
+    campaigns: int, trials: int, workdir: Path, database_url: str, database_dir: Path
+) -> None:
     experiments = workdir / "experiments"
     write_toy_experiment(experiments / "toy", GRID)
     # The tests' settings, but the chart's timers: a Campaign's resync every 60 s, the logs
@@ -216,14 +233,15 @@ def measure(campaigns: int, trials: int, workdir: Path, database_url: str) -> No
         thread = OperatorThread(operator.registry)
         thread.start()
         ours.recv()  # kopf watches: the campaigns are created now
-        cpu_before = _cpu_seconds()
+        cpu_before, database_before = _cpu_seconds(), _database_cpu_seconds(database_dir)
         outcome: Outcome = ours.recv()
         operator_cpu = _cpu_seconds() - cpu_before
+        database_cpu = _database_cpu_seconds(database_dir) - database_before
         asyncio.run(thread.stop(timeout=120))
         operator.close()
     ours.send("stopped")
     process.join(30)
-    report(outcome, campaigns, trials, operator_cpu)
+    report(outcome, campaigns, trials, operator_cpu, database_cpu)
 
 
 def reactions(outcome: Outcome) -> list[float]:
@@ -237,7 +255,9 @@ def reactions(outcome: Outcome) -> list[float]:
     return gaps
 
 
-def report(outcome: Outcome, campaigns: int, trials: int, operator_cpu: float) -> None:
+def report(
+    outcome: Outcome, campaigns: int, trials: int, operator_cpu: float, database_cpu: float
+) -> None:
     gaps = sorted(reactions(outcome))
     handled = len(outcome.ended)
     print(f"campaigns {campaigns} x {trials} trials: {handled} Jobs run in {outcome.elapsed:.1f}s")
@@ -252,7 +272,8 @@ def report(outcome: Outcome, campaigns: int, trials: int, operator_cpu: float) -
     if handled:
         print(
             f"CPU per trial: operator {operator_cpu / handled * 1000:.0f} ms, "
-            f"cluster (emulator and kubelet) {outcome.cpu_seconds / handled * 1000:.0f} ms"
+            f"cluster (emulator and kubelet) {outcome.cpu_seconds / handled * 1000:.0f} ms, "
+            f"PostgreSQL {database_cpu / handled * 1000:.0f} ms"
         )
 
 
@@ -268,7 +289,9 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="skylab-bench-") as tmp,
         embedded_postgres(Path(tmp) / "postgres") as url,
     ):
-        measure(args.campaigns, args.trials, Path(tmp) / "work", url)
+        measure(
+            args.campaigns, args.trials, Path(tmp) / "work", url, Path(tmp) / "postgres" / "data"
+        )
 
 
 if __name__ == "__main__":

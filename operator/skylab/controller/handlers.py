@@ -20,7 +20,7 @@ from skylab.controller.campaigns import TERMINAL, CampaignController
 from skylab.controller.events import LOGGER
 from skylab.controller.kubeapi import KubeApi
 from skylab.controller.metrics import Metrics
-from skylab.controller.reports import JobState, job_state
+from skylab.controller.reports import job_state
 from skylab.controller.settings import OperatorSettings
 from skylab.controller.trials import CampaignProgress, TrialController
 from skylab.executors.kubernetes import CAMPAIGN_LABEL, TRIAL_LABEL
@@ -119,7 +119,13 @@ def register(
         read = counted("trial-progress", follower.read)
         while not stopped:
             await asyncio.to_thread(read)
-            await stopped.wait(interval)
+            try:
+                await stopped.wait(interval)
+            except TimeoutError:
+                # kopf's wait returns at its timeout; Python 3.11's wait_for raises this
+                # instead when it is cancelled just as the timeout expires: kopf is
+                # cancelling the daemon, so it ends as cancelled.
+                raise asyncio.CancelledError from None
 
     # A Trial is synced when it appears: created, or listed when the operator starts (kopf
     # gives no type then). Its later changes are the operator's own status writes.
@@ -135,10 +141,8 @@ def register(
             }
             await _retrying(counted("trial", trials.sync), where, retry)
 
-    # A Job's events are synced when its state changes: the states a Job goes through
-    # with no change of its state (more pods scheduled, say) leave nothing to do.
-    synced_states: dict[str, JobState] = {}
-
+    # A Job event is synced unless it shows the state the Job was last acted on in (its
+    # pods scheduled, say, or the Job just created).
     @kopf.on.event(
         *JOBS,
         labels={TRIAL_LABEL: kopf.PRESENT, CAMPAIGN_LABEL: kopf.PRESENT},
@@ -147,11 +151,11 @@ def register(
     async def job_event(
         type: str | None, body: kopf.Body, uid: str, labels: Mapping[str, str], **_: Any
     ) -> None:
-        campaigns.api.observe(JOBS[2], type, copy.deepcopy(dict(body)))
-        state = job_state(dict(body))
+        raw = copy.deepcopy(dict(body))
+        campaigns.api.observe(JOBS[2], type, raw)
         if type == "DELETED":
-            synced_states.pop(uid, None)
-        elif synced_states.get(uid) == state:
+            trials.forget_job(uid)
+        elif trials.acted_on(uid, job_state(raw)):
             return
         where = {
             "namespace": _namespaced(body.metadata.namespace),
@@ -159,8 +163,6 @@ def register(
             "campaign": labels[CAMPAIGN_LABEL],
         }
         await _retrying(counted("job", trials.sync), where, retry)
-        if type != "DELETED":
-            synced_states[uid] = state
 
 
 async def _retrying(sync: Handler, where: Mapping[str, str], retry: float) -> None:

@@ -9,7 +9,7 @@ is recorded; it never runs or decides anything twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,7 @@ from skylab.controller.events import post
 from skylab.controller.kubeapi import KubeApi, Manifest
 from skylab.controller.reports import (
     PHASE_OF_STATUS,
+    JobState,
     job_state,
     reporting_pod,
     trial_ending,
@@ -60,6 +61,16 @@ class TrialController:
         self.opener = campaigns.opener
         self.metrics = campaigns.metrics
         self.clock: Clock = campaigns.clock
+        # The state of each Job (by uid) when this controller last acted on it.
+        self._acted: dict[str, JobState] = {}
+
+    def acted_on(self, job_uid: str, state: JobState) -> bool:
+        """True when the Job was last acted on in STATE: an event showing it again (its
+        status changed, not its state) leaves nothing to do."""
+        return self._acted.get(job_uid) == state
+
+    def forget_job(self, job_uid: str) -> None:
+        self._acted.pop(job_uid, None)
 
     def sync(self, namespace: str, name: str, campaign: str) -> None:
         """Bring the Trial NAME of CAMPAIGN up to date with its run's Job; act when it ended."""
@@ -149,15 +160,23 @@ class TrialController:
         except CampaignSetupError:
             return None  # the Campaign's own reconcile reports it
 
-    def _sync(self, campaign: Manifest, context: CampaignContext, trial: Manifest) -> None:
+    def _sync(
+        self,
+        campaign: Manifest,
+        context: CampaignContext,
+        trial: Manifest,
+        ended: Mapping[str, Any] | None = None,
+    ) -> None:
+        """ENDED: what the Trial shows of the run that has just ended, written with the
+        next change of its status (its verdict, or its next run's Job)."""
         steps = self.steps(context)
         row = self.campaigns.ensure_row(context, steps.store, trial)
         if row.status != "running":  # decided before a restart: publish, never redecide
-            self._publish(context, trial, row)
+            self._publish(context, trial, row, ended=ended)
             self.campaigns.advance(campaign, context)
             return
         run = _going(row)
-        if run is None and not row.view().counted_runs:  # none has ended: its first run
+        if run is None and not row.view().counted_runs:  # none counted yet: run it
             run = steps.start_run(row)
         elif run is None:  # every run so far has ended: judge them
             spent = context.limits.budget_spent(self.campaigns.elapsed(context))
@@ -165,18 +184,19 @@ class TrialController:
             if isinstance(settled.judgement, engine.Verdict):
                 if settled.decided_now:
                     self._observe(settled.trial)
-                self._publish(context, trial, settled.trial)
+                self._publish(context, trial, settled.trial, ended=ended)
                 self.campaigns.advance(campaign, context)
                 return
             best = steps.best([t for t in steps.trials() if t.status != "running"])
             if best is not None and steps.policy.best_needs_run(best.view(), settled.trial.view()):
+                if ended:
+                    self.api.patch_trial_status(context.namespace, trial["metadata"]["name"], ended)
                 self._remeasure(campaign, context, steps, best)
                 return
             run = steps.start_run(settled.trial)
-        if self._follow(campaign, context, steps, trial, row, run):
-            refreshed = self.api.get_trial(context.namespace, trial["metadata"]["name"])
-            if refreshed is not None:
-                self._sync(campaign, context, refreshed)  # judge it: another run, or done
+        now = self._follow(campaign, context, steps, trial, row, run, ended)
+        if now is not None:
+            self._sync(campaign, context, trial, now)  # judge it: another run, or done
 
     def _sync_decided(self, campaign: Manifest, context: CampaignContext, trial: Manifest) -> None:
         """A decided Trial's Job changed: follow the run of it going, if it is the best
@@ -187,7 +207,7 @@ class TrialController:
         run = None if row is None else _going(row)
         if row is None or run is None:
             return
-        if self._follow(campaign, context, steps, trial, row, run):
+        if self._follow(campaign, context, steps, trial, row, run) is not None:
             self._wake(campaign, context, steps, row.number)
 
     def _remeasure(
@@ -199,7 +219,7 @@ class TrialController:
         if body is None:
             return  # deleted: the campaign's reconcile records it
         run = steps.start_run(best)
-        if self._follow(campaign, context, steps, body, best, run):
+        if self._follow(campaign, context, steps, body, best, run) is not None:
             self._wake(campaign, context, steps, best.number)
 
     def _wake(
@@ -224,9 +244,12 @@ class TrialController:
         trial: Manifest,
         row: TrialRecord,
         run: RunRecord,
-    ) -> bool:
-        """Bring RUN of ROW up to date with its Job: create it, show its phase, or record
-        how it ended. True when the run has just been recorded as ended."""
+        ended: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """Bring RUN of ROW up to date with its Job: create it (its status showing ENDED
+        too), show its phase, or record how it ended. When the run has just been recorded
+        as ended: what the Trial shows of it, written already for a decided trial and left
+        to the caller's next write otherwise."""
         name = trial["metadata"]["name"]
         status = trial.get("status") or {}
         decided = row.status != "running"
@@ -234,8 +257,8 @@ class TrialController:
         job = self.api.get_job(context.namespace, job_name)
         if job is None:
             if status.get("jobName") != job_name:
-                self._create_job(context, steps, trial, row, run)
-                return False
+                self._create_job(context, steps, trial, row, run, ended)
+                return None
             report = RunReport(
                 RunStatus.KILLED,
                 context.config.search.metric,
@@ -244,13 +267,13 @@ class TrialController:
             steps.record_run(row, run.number, report)
             if decided:  # the best measured again: that run is lost, not the trial
                 post(trial, "JobDeleted", f"Job {job_name} was deleted before it finished")
-                return True
+                return {}
             verdict = engine.Verdict(False, "killed: its Job was deleted", "killed")
             final = steps.finish(row, verdict)
             self._observe(final)
             self._publish(context, trial, final, "JobDeleted")
             self.campaigns.advance(campaign, context)
-            return False
+            return None
         state = job_state(job)
         if state.finished:
             pods = self.api.list_pods(context.namespace, run_pods(name, run.number))
@@ -271,11 +294,13 @@ class TrialController:
                 )
             recorded = steps.record_run(row, run.number, report)
             again = recorded.status == "killed" and recorded.message.startswith(PREEMPTED)
-            ended: dict[str, Any] = {"preemptions": lost + again}
-            if not decided:
-                ended["reason"] = ending.reason
-            self.api.patch_trial_status(context.namespace, name, ended)
-            return True
+            shown: dict[str, Any] = {"preemptions": lost + again}
+            if decided:
+                self.api.patch_trial_status(context.namespace, name, shown)
+            else:
+                shown["reason"] = ending.reason
+            self._acted[job["metadata"]["uid"]] = state
+            return shown
         if not decided and state.phase != status.get("phase"):
             patch: dict[str, object] = {"phase": str(state.phase)}
             if state.phase is TrialPhase.RUNNING and not status.get("startTime"):
@@ -283,7 +308,8 @@ class TrialController:
             self.api.patch_trial_status(context.namespace, name, patch)
             self.metrics.set_phase("Trial", context.namespace, name, str(state.phase))
             post(trial, str(state.phase), f"Job {job_name} is {state.phase}")
-        return False
+        self._acted[job["metadata"]["uid"]] = state
+        return None
 
     def _create_job(
         self,
@@ -292,6 +318,7 @@ class TrialController:
         trial: Manifest,
         row: TrialRecord,
         run: RunRecord,
+        ended: Mapping[str, Any] | None = None,
     ) -> None:
         name = trial["metadata"]["name"]
         launch = steps.launch(row, run, context.repo_url, {})
@@ -307,14 +334,15 @@ class TrialController:
         )
         if manifests.service is not None:
             self.api.create(manifests.service)
-        self.api.create(manifests.job)
+        created = self.api.create(manifests.job)
+        self._acted[created["metadata"]["uid"]] = job_state(created)
         which = f" (run {run.number}, seed {run.seed})" if run.number > 1 else ""
         if row.status != "running":  # the best kept trial, measured again: still kept
             self.api.patch_trial_status(context.namespace, name, {"jobName": launch.name})
             post(trial, "JobCreated", f"Job {launch.name} created{which}: measured again")
             return
         phase = TrialPhase.QUEUED if template.queue_name else TrialPhase.PENDING
-        status = {"phase": str(phase), "jobName": launch.name, **_runs_status(row)}
+        status = {**(ended or {}), "phase": str(phase), "jobName": launch.name, **_runs_status(row)}
         self.api.patch_trial_status(context.namespace, name, status)
         self.metrics.set_phase("Trial", context.namespace, name, str(phase))
         post(trial, "JobCreated", f"Job {launch.name} created{which}")
@@ -325,11 +353,17 @@ class TrialController:
         self.metrics.trial_duration.labels(row.status).observe(duration.total_seconds())
 
     def _publish(
-        self, context: CampaignContext, trial: Manifest, row: TrialRecord, reason: str = ""
+        self,
+        context: CampaignContext,
+        trial: Manifest,
+        row: TrialRecord,
+        reason: str = "",
+        ended: Mapping[str, Any] | None = None,
     ) -> None:
+        """The verdict on the Trial's status (with ENDED, its last run's, if not yet shown)."""
         phase = PHASE_OF_STATUS[row.status]
         decision = Decision.KEPT if row.kept else Decision.REVERTED
-        old = trial.get("status") or {}
+        old = {**(trial.get("status") or {}), **(ended or {})}
         status = {
             "phase": str(phase),
             "metrics": row.metrics,
