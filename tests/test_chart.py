@@ -105,6 +105,9 @@ def _container_env(container: dict[str, Any], release: Release) -> dict[str, str
     for var in container["env"]:
         if "value" in var:
             value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
+        elif "fieldRef" in var["valueFrom"]:
+            assert var["valueFrom"]["fieldRef"] == {"fieldPath": "metadata.name"}
+            value = "the-pod-name"
         else:
             ref = var["valueFrom"]["secretKeyRef"]
             secrets = release.find("Secret", ref["name"])
@@ -143,6 +146,15 @@ def _defaults_wire_the_operator_its_database_and_the_trainer_pods(release: Relea
     assert (args.peering, args.namespace) == ("skylab", [])
     assert (args.log_level, args.log_format) == ("info", "text")
     assert release.one("ClusterKopfPeering", "skylab")
+    # Two replicas, one standing by; the ReadWriteOnce workspace volume keeps them on one
+    # node, and each names itself in the peering object by its pod's name.
+    assert deployment["spec"]["replicas"] == 2
+    [term] = pod["spec"]["affinity"]["podAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert _matches(term["labelSelector"], pod["metadata"]["labels"])
+    assert _container_env(container, release)["POD_ID"] == "the-pod-name"
     settings = OperatorSettings.from_env(_container_env(container, release))
     password = base64.b64decode(release.one("Secret", "skylab-postgres")["data"]["password"])
     assert len(password) == 32
@@ -245,6 +257,7 @@ def _a_second_replica_stands_by_and_prometheus_scrapes(release: Release) -> None
     deployment = release.one("Deployment")
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"  # the volume is shared
+    assert "affinity" not in deployment["spec"]["template"]["spec"]  # it may spread
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert "--peering=skylab" in container["args"]
     monitor, service = release.one("ServiceMonitor"), release.one("Service", "skylab")

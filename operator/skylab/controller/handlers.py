@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,8 +37,9 @@ SYNC_ATTEMPTS = 20
 Handler = Callable[..., Any]
 
 
-def configure(settings: kopf.OperatorSettings) -> None:
-    """kopf's own bookkeeping in annotations of our group, none in status."""
+def configure(settings: kopf.OperatorSettings, ours: OperatorSettings) -> None:
+    """kopf's own bookkeeping in annotations of our group, none in status; peering that
+    hands the campaigns over within seconds of the active replica's death."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=ANNOTATION_PREFIX
     )
@@ -48,6 +50,15 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # The chart installs the CRDs before the operator starts, so kopf needs no watch on
     # CustomResourceDefinitions or Namespaces: its role grants neither.
     settings.scanning.disabled = True
+    # Replicas of one priority would all pause: each takes a random one unless told (the
+    # highest runs, the others stand by). A replica that dies without a word is presumed
+    # gone when its record is LIFETIME seconds old, and a standby takes over.
+    settings.peering.priority = (
+        ours.peering_priority
+        if ours.peering_priority is not None
+        else random.SystemRandom().randint(1, 2**31 - 1)
+    )
+    settings.peering.lifetime = ours.peering_lifetime_seconds
 
 
 def register(
@@ -57,6 +68,7 @@ def register(
     metrics: Metrics,
     settings: OperatorSettings,
 ) -> None:
+    ours = settings
     retry = settings.retry_seconds
 
     def counted(name: str, handler: Handler) -> Handler:
@@ -74,7 +86,7 @@ def register(
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure(settings)
+        configure(settings, ours)
 
     # Every Campaign and Trial event kopf receives is kept: the controllers read them from
     # memory. Async, so run on the event loop at once, before the handlers of the event.
@@ -119,13 +131,9 @@ def register(
         read = counted("trial-progress", follower.read)
         while not stopped:
             await asyncio.to_thread(read)
-            try:
-                await stopped.wait(interval)
-            except TimeoutError:
-                # kopf's wait returns at its timeout; Python 3.11's wait_for raises this
-                # instead when it is cancelled just as the timeout expires: kopf is
-                # cancelling the daemon, so it ends as cancelled.
-                raise asyncio.CancelledError from None
+            # Not stopped.wait(interval): under Python 3.11 its wait_for can raise
+            # TimeoutError when cancelled as the timeout expires, failing kopf's exit.
+            await asyncio.sleep(interval)
 
     # A Trial is synced when it appears: created, or listed when the operator starts (kopf
     # gives no type then). Its later changes are the operator's own status writes.

@@ -25,6 +25,7 @@ DATABASE_DOWN_VARIABLE = "SKYLAB_DATABASE_DOWN_SECONDS"
 PULL_ALLOWANCE_VARIABLE = "SKYLAB_PULL_ALLOWANCE_SECONDS"
 # hostPath:/DIRECTORY, claim:NAME, or empty (an emptyDir: nothing kept between trials).
 COMPILE_CACHE_VARIABLE = "SKYLAB_COMPILE_CACHE"
+PEERING_PRIORITY_VARIABLE = "SKYLAB_PEERING_PRIORITY"
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ class OperatorSettings:
     pull_allowance_seconds: float = DEFAULT_PULL_ALLOWANCE_SECONDS
     # What trainer pods mount at /cache for torch.compile (see CompileCache).
     compile_cache: CompileCache = field(default_factory=CompileCache)
+    # kopf peering between replicas: this one's priority (None: a random one; the
+    # highest runs) and how old a silent replica's record may get before a standby
+    # presumes it dead and takes over.
+    peering_priority: int | None = None
+    peering_lifetime_seconds: int = 10
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorSettings:
@@ -75,6 +81,14 @@ class OperatorSettings:
             if value <= 0:
                 raise UserError(f"{name}: expected a positive number, got {text!r}")
             return value
+
+        def priority(name: str) -> int | None:
+            text = env.get(name, "").strip()
+            if not text:
+                return None
+            if not re.fullmatch(r"[0-9]{1,9}", text):
+                raise UserError(f"{name}: expected a whole number from 0, got {text!r}")
+            return int(text)
 
         def compile_cache(name: str) -> CompileCache:
             text = env.get(name, "").strip()
@@ -119,4 +133,5 @@ class OperatorSettings:
             database_down_seconds=number(DATABASE_DOWN_VARIABLE, 120.0),
             pull_allowance_seconds=number(PULL_ALLOWANCE_VARIABLE, DEFAULT_PULL_ALLOWANCE_SECONDS),
             compile_cache=compile_cache(COMPILE_CACHE_VARIABLE),
+            peering_priority=priority(PEERING_PRIORITY_VARIABLE),
         )
