@@ -9,7 +9,12 @@ with the trainer's report; the Job active, ready and complete), so every second 
 between a Job's end and the next Job is the operator's: reading the report, recording
 it, deciding, committing the next trial, creating its Trial and its Job.
 
-    .venv/bin/python bench/operator_reaction.py --campaigns 4 --trials 6
+    .venv/bin/python bench/operator_reaction.py --campaigns 4 --trials 6 [--job-seconds S]
+
+With --job-seconds 0 (the default) Jobs end at once: every campaign always waits on the
+operator, so this measures it saturated (a reaction then takes about the number of
+campaigns divided by the throughput). With S > 0 each Job runs S seconds first, and the
+reaction is measured below saturation.
 
 Prints the reaction time (Job completed -> the campaign's next Job created) as p50, p95
 and max, the trials the operator handled per second, and the CPU seconds per trial that
@@ -83,8 +88,9 @@ class Outcome:
 class InstantKubelet:
     """Runs every Job the moment it is created, noting when it saw and ended each."""
 
-    def __init__(self, kube: KubeEmulator) -> None:
+    def __init__(self, kube: KubeEmulator, job_seconds: float) -> None:
         self.kube = kube
+        self.job_seconds = job_seconds
         self.created: asyncio.Queue[str] = asyncio.Queue()
         self.seen: dict[str, float] = {}
         self.ended: dict[str, float] = {}
@@ -120,6 +126,7 @@ class InstantKubelet:
         assert body["metadata"]["name"] == pod
         await self._set(pod, job, "Pending", {"waiting": {"reason": "ContainerCreating"}}, 0)
         await self._set(pod, job, "Running", {"running": {"startedAt": STARTED_AT}}, 1)
+        await asyncio.sleep(self.job_seconds)
         number = int(job.rsplit("-", 1)[1])
         report = success(1.0 - number / 100).report
         assert report is not None
@@ -158,16 +165,16 @@ class NoticingEmulator(KubeEmulator):
         return body
 
 
-def cluster(campaigns: int, trials: int, pipe: Connection) -> None:
+def cluster(campaigns: int, trials: int, job_seconds: float, pipe: Connection) -> None:
     """The cluster's process: the API server and the kubelet, until told to stop."""
-    asyncio.run(_serve(campaigns, trials, pipe))
+    asyncio.run(_serve(campaigns, trials, job_seconds, pipe))
 
 
-async def _serve(campaigns: int, trials: int, pipe: Connection) -> None:
+async def _serve(campaigns: int, trials: int, job_seconds: float, pipe: Connection) -> None:
     async with NoticingEmulator() as kube, Server(kube):
         declare_resources(kube)
         await create(kube, "v1/namespaces", {"metadata": {"name": NAMESPACE}}, namespace=None)
-        kubelet = InstantKubelet(kube)
+        kubelet = InstantKubelet(kube, job_seconds)
         kube.kubelet = kubelet
         player = asyncio.create_task(kubelet.run())
         pipe.send(str(kube.url).rstrip("/"))
@@ -210,7 +217,12 @@ def _database_cpu_seconds(data_dir: Path) -> float:
 
 
 def measure(
-    campaigns: int, trials: int, workdir: Path, database_url: str, database_dir: Path
+    campaigns: int,
+    trials: int,
+    job_seconds: float,
+    workdir: Path,
+    database_url: str,
+    database_dir: Path,
 ) -> None:
     experiments = workdir / "experiments"
     write_toy_experiment(experiments / "toy", GRID)
@@ -223,7 +235,7 @@ def measure(
     )
     ours, theirs = multiprocessing.Pipe()
     process = multiprocessing.get_context("spawn").Process(
-        target=cluster, args=(campaigns, trials, theirs), daemon=True
+        target=cluster, args=(campaigns, trials, job_seconds, theirs), daemon=True
     )
     process.start()
     server: str = ours.recv()
@@ -281,16 +293,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--campaigns", type=int, default=4, help="concurrent campaigns (4)")
     parser.add_argument("--trials", type=int, default=6, help="trials per campaign (6, max 21)")
+    parser.add_argument(
+        "--job-seconds",
+        type=float,
+        default=0.0,
+        help="how long each Job runs (0: it ends at once, and the operator is saturated)",
+    )
     args = parser.parse_args()
-    if not 1 <= args.trials <= 21 or args.campaigns < 1:
-        parser.error("--campaigns must be >= 1 and --trials between 1 and 21")
+    if not 1 <= args.trials <= 21 or args.campaigns < 1 or args.job_seconds < 0:
+        parser.error("--campaigns must be >= 1, --trials between 1 and 21 and --job-seconds >= 0")
     # Not under /tmp/pytest-*: the server runs as another user (see tests/conftest.py).
     with (
         tempfile.TemporaryDirectory(prefix="skylab-bench-") as tmp,
         embedded_postgres(Path(tmp) / "postgres") as url,
     ):
         measure(
-            args.campaigns, args.trials, Path(tmp) / "work", url, Path(tmp) / "postgres" / "data"
+            args.campaigns,
+            args.trials,
+            args.job_seconds,
+            Path(tmp) / "work",
+            url,
+            Path(tmp) / "postgres" / "data",
         )
 
 

@@ -51,3 +51,4 @@ def test_bad_arguments_are_refused_in_one_line() -> None:
     )
     assert result.returncode == 2
     assert "--trials between 1 and 21" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3  # usage, then the one-line error
