@@ -68,7 +68,7 @@ def register(
     metrics: Metrics,
     settings: OperatorSettings,
 ) -> None:
-    ours = settings
+    ours = settings  # the startup handler's own `settings` (kopf's) hides this name
     retry = settings.retry_seconds
 
     def counted(name: str, handler: Handler) -> Handler:
