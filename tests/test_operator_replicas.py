@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from kmock import ResourceInfo
 
+from chart import declare_chart_kinds
 from emulator import KubeEmulator
 from kubelet import (  # noqa: F401  # the settings fixture registers under its own name
     CAMPAIGNS,
@@ -110,12 +110,7 @@ def runs(database_url: str, campaign: str) -> list[tuple[int, int]]:
 async def test_the_standby_takes_over_when_the_active_replica_is_killed_mid_trial(
     kube: KubeEmulator, kubeconfig: Path, settings: OperatorSettings, tmp_path: Path
 ) -> None:
-    kube.resources[PEERINGS] = ResourceInfo(
-        kind="ClusterKopfPeering",
-        singular="clusterkopfpeering",
-        namespaced=False,
-        verbs={"create", "get", "list", "patch", "watch"},
-    )
+    declare_chart_kinds(kube)  # the peering object's kind among them
     await create(kube, PEERINGS, {"metadata": {"name": PEERING}}, namespace=None)
     killed = asyncio.Event()
 

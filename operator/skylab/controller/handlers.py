@@ -23,7 +23,7 @@ from skylab.controller.kubeapi import KubeApi
 from skylab.controller.metrics import Metrics
 from skylab.controller.reports import job_state
 from skylab.controller.settings import OperatorSettings
-from skylab.controller.trials import CampaignProgress, TrialController
+from skylab.controller.trials import CampaignProgress, TrialController, decided
 from skylab.executors.kubernetes import CAMPAIGN_LABEL, TRIAL_LABEL
 
 ANNOTATION_PREFIX = GROUP
@@ -141,7 +141,7 @@ def register(
     async def trial_seen(event: Mapping[str, Any], **_: Any) -> None:
         _observe(campaigns.api, TRIALS, event)
         body = event["object"]
-        if event.get("type") in (None, "ADDED") and not _decided(body):
+        if event.get("type") in (None, "ADDED") and not decided(body):
             where = {
                 "namespace": _namespaced(body["metadata"].get("namespace")),
                 "name": body["metadata"]["name"],
@@ -192,10 +192,6 @@ async def _retrying(sync: Handler, where: Mapping[str, str], retry: float) -> No
 
 def _observe(api: KubeApi, resource: tuple[str, str, str], event: Mapping[str, Any]) -> None:
     api.observe(resource[2], event.get("type"), copy.deepcopy(event["object"]))
-
-
-def _decided(trial: Mapping[str, Any]) -> bool:
-    return bool((trial.get("status") or {}).get("decision"))
 
 
 def _not_finished(status: kopf.Status, **_: Any) -> bool:

@@ -49,6 +49,11 @@ _REASON_OF_STATUS = {
 Clock = Callable[[], datetime]
 
 
+def decided(trial: Manifest) -> bool:
+    """Whether the Trial shows its verdict."""
+    return bool((trial.get("status") or {}).get("decision"))
+
+
 def run_pods(trial: str, run: int) -> str:
     """The label selector of a run's pods."""
     return f"{TRIAL_LABEL}={trial},{RUN_LABEL}={run}"
@@ -79,7 +84,7 @@ class TrialController:
             trial = self.api.get_trial(namespace, name)
             if opened is None or trial is None:
                 return
-            if (trial.get("status") or {}).get("decision"):
+            if decided(trial):
                 self._sync_decided(*opened, trial)
             else:
                 self._sync(*opened, trial)
@@ -87,7 +92,7 @@ class TrialController:
     def sync_undecided(self, namespace: str, campaign: str) -> None:
         """Sync each Trial of CAMPAIGN without a verdict (the resync of missed events)."""
         for trial in self.api.known_trials(namespace, campaign):
-            if not (trial.get("status") or {}).get("decision"):
+            if not decided(trial):
                 self.sync(namespace, trial["metadata"]["name"], campaign)
 
     def running(self, namespace: str, campaign: str) -> list[tuple[str, str]]:
