@@ -91,6 +91,14 @@ class Change(NamedTuple):
     old: Body | None
 
 
+class Fault(NamedTuple):
+    """An error answered to a request: before it is served, or AFTER_WRITE, once its write
+    is made (the answer lost on the way back, as a proxy or a restarting server loses it)."""
+
+    error: kmock.KubernetesError
+    after_write: bool = False
+
+
 def error(status: int, reason: str, message: str, **details: Any) -> kmock.KubernetesError:
     return kmock.KubernetesError(status=status, reason=reason, message=message, details=details)
 
@@ -175,6 +183,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _by_resource: dict[kmock.resource, dict[Key, kmock.Object]] = attrs.field(
         factory=dict, init=False
     )
+    # Asked of every request to a resource: the error to answer instead (see faults.py).
+    faults: Callable[[kmock.Request], Fault | None] | None = attrs.field(default=None, init=False)
 
     @_changed.default
     def _make_changed(self) -> asyncio.Condition:
@@ -192,6 +202,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
         # Writes change the state here, then the usual dispatch answers (users' reactions first,
         # then the _serve_* fallbacks below), as in kmock; discovery requests have no plural.
         if request.resource is not None and request.resource.plural is not None:
+            fault = None if self.faults is None else self.faults(request)
+            if fault is not None and not fault.after_write:
+                return await self._render_error(fault.error)
             if request.resource == PODS and request.subresource == "log":
                 return await self._serve_log(request)
             try:
@@ -205,6 +218,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
                         self._results[request] = self._delete(key)
             except kmock.KubernetesError as exc:  # an API answer, not a failure of the emulator
                 return await self._render_error(exc)
+            if fault is not None:  # the write is made, and its answer lost on the way back
+                self._results.pop(request, None)
+                return await self._render_error(fault.error)
         return await apps.RawHandler._handle(self, request)
 
     def _alive(self, key: Key) -> kmock.Object | None:

@@ -5,8 +5,11 @@ The tests play the Job controller and the kubelet (tests/kubelet.py).
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -183,3 +186,72 @@ async def test_a_proposal_in_flight_when_the_operator_dies_is_redone(
         (3, "success", False),
     ]
     assert status(kube, CAMPAIGNS, "redo")["counts"]["total"] == 3
+
+
+# Long enough for trial 2's Job to be made, run and decided on a loaded machine.
+PROPOSAL_SECONDS = 10.0
+
+
+def slowly(turn: Turn) -> Turn:
+    """TURN, answered after PROPOSAL_SECONDS, as a model that takes its time."""
+    return lambda request: dataclasses.replace(turn(request), delay=PROPOSAL_SECONDS)
+
+
+async def test_the_campaign_goes_on_while_the_model_proposes(
+    kube: KubeEmulator, settings: OperatorSettings, database_url: str, server: FakeAnthropic
+) -> None:
+    """Two trials at a time: while the model takes its time over trial 3, trial 2 gets
+    its Job, runs and is decided; trial 3 is then made from the proposal, still due."""
+    server.script = Proposals(
+        [set_constant("LR", "0.25"), done("LR 0.1 -> 0.25")],
+        [slowly(set_constant("LR", "0.2")), done("LR 0.1 -> 0.2")],
+    )
+    campaign = llm_campaign("patient", server)
+    campaign["spec"]["parallelism"] = 2
+    await add_key_secret(kube, KEY)
+    async with kubelet(kube, script), running_operator(kube, settings):
+        await create(kube, CAMPAIGNS, campaign)
+        await eventually(
+            lambda: status(kube, TRIALS, "patient-0002").get("decision") is not None, timeout=SLOW
+        )
+        trials_when_decided = names(kube, TRIALS, NAMESPACE)
+        await eventually(lambda: phase_is(kube, "patient", "Succeeded"), timeout=SLOW)
+
+    assert trials_when_decided == ["patient-0001", "patient-0002"]  # 3 still being proposed
+    trials = [f"patient-{n:04d}" for n in (1, 2, 3)]
+    assert names(kube, TRIALS, NAMESPACE) == trials
+    assert names(kube, JOBS, NAMESPACE) == trials
+    specs = [stored(kube, TRIALS, NAMESPACE, t)["spec"] for t in trials]  # type: ignore[index]
+    assert specs[2]["description"] == "LR 0.1 -> 0.2"
+    assert specs[2]["parentCommit"] == specs[0]["commit"]  # proposed while 2 ran
+    assert len(server.messages_requests()) == 4  # two conversations, none asked twice
+    assert rows(database_url, "patient") == [
+        (1, "success", True, 1.04),
+        (2, "success", True, 1.0025),
+        (3, "success", False, 1.01),
+    ]
+
+
+async def test_a_campaign_deleted_while_the_model_proposes_is_gone_at_once(
+    kube: KubeEmulator, settings: OperatorSettings, database_url: str, server: FakeAnthropic
+) -> None:
+    """The deletion does not wait for the model, and its late proposal makes no trial."""
+    server.script = Proposals([slowly(set_constant("LR", "0.25")), done("LR 0.1 -> 0.25")])
+    await add_key_secret(kube, KEY)
+    async with kubelet(kube, script), running_operator(kube, settings):
+        await create(kube, CAMPAIGNS, llm_campaign("impatient", server))
+        await eventually(lambda: len(server.messages_requests()) == 1, timeout=SLOW)
+        asked = time.monotonic()
+        path = f"/apis/skylab.dev/v1alpha1/namespaces/{NAMESPACE}/campaigns/impatient"
+        async with kube.delete(path) as response:
+            assert response.status == 200
+        await eventually(
+            lambda: stored(kube, CAMPAIGNS, NAMESPACE, "impatient") is None, timeout=SLOW
+        )
+        gone_after = time.monotonic() - asked
+        await asyncio.sleep(PROPOSAL_SECONDS - gone_after + 2)  # the model answers meanwhile
+
+    assert gone_after < PROPOSAL_SECONDS
+    assert names(kube, TRIALS) == [] and names(kube, JOBS) == []
+    with Store.connect(database_url) as store:
+        assert store.get_campaign(f"{NAMESPACE}/impatient") is None

@@ -4,14 +4,10 @@ kopf: the active one is SIGKILLed mid-trial and the standby finishes the campaig
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -41,6 +37,7 @@ from operator_harness import (  # noqa: F401  # fixtures register under their ow
     names,
     stored,
 )
+from operator_process import operator_process
 from skylab.controller.settings import OperatorSettings
 from skylab.store import Store
 
@@ -49,48 +46,13 @@ PEERINGS = "kopf.dev/v1/clusterkopfpeerings"
 PEERING = "skylab"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextmanager
 def replica(
-    name: str, priority: int, settings: OperatorSettings, kubeconfig: Path, log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`skylab operator --peering` as a pod would run it, named NAME, at PRIORITY."""
-    env = {key: value for key, value in os.environ.items() if key != "KUBERNETES_SERVICE_HOST"}
-    env |= {
-        "KUBECONFIG": str(kubeconfig),
-        "POD_ID": name,
-        "SKYLAB_PEERING_PRIORITY": str(priority),
-        "SKYLAB_DATABASE_URL": settings.database_url,
-        "SKYLAB_WORKSPACE_ROOT": str(settings.workspace_root),
-        "SKYLAB_GIT_URL": settings.git_url,
-        "SKYLAB_EXPERIMENTS_DIR": os.pathsep.join(map(str, settings.experiment_dirs)),
-        "SKYLAB_HTTP_PORT": str(free_port()),
-        "SKYLAB_RESYNC_SECONDS": "5",
-        "SKYLAB_RETRY_SECONDS": "0.3",
-        "SKYLAB_PROGRESS_SECONDS": "1",
-    }
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "skylab", "operator", f"--peering={PEERING}"],
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    name: str, priority: int, settings: OperatorSettings, kubeconfig: Path, logs: Path
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    """A replica of the chart's peering, NAME at PRIORITY, logging to LOGS/NAME.log."""
+    return operator_process(
+        name, settings, kubeconfig, logs / f"{name}.log", peering=PEERING, priority=priority
+    )
 
 
 def peers(kube: KubeEmulator) -> dict[str, dict[str, object]]:
@@ -120,8 +82,8 @@ async def test_the_standby_takes_over_when_the_active_replica_is_killed_mid_tria
         return success(1.0 - number / 10)
 
     with (
-        replica("active", 200, settings, kubeconfig, tmp_path / "active.log") as active,
-        replica("standby", 100, settings, kubeconfig, tmp_path / "standby.log") as standby,
+        replica("active", 200, settings, kubeconfig, tmp_path) as active,
+        replica("standby", 100, settings, kubeconfig, tmp_path) as standby,
     ):
         await eventually(lambda: set(peers(kube)) == {"active", "standby"}, timeout=SLOW)
         async with kubelet(kube, script):  # type: ignore[arg-type]

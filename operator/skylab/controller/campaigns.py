@@ -43,7 +43,6 @@ from skylab.strategies.base import (
     Proposal,
     Skipped,
     StrategyFailed,
-    StrategyUnavailable,
     Usage,
 )
 from skylab.trial_steps import TrialSteps
@@ -99,6 +98,8 @@ class CampaignController:
         self.metrics = metrics
         self.activity = activity
         self.clock = clock
+        # The campaigns whose strategy is proposing (outside their lock): one at a time.
+        self._proposing: set[tuple[str, str]] = set()
 
     def reconcile(self, namespace: str, name: str) -> None:
         with self.locks.hold(namespace, name):
@@ -241,14 +242,23 @@ class CampaignController:
                     )
                 )
                 continue
-            # A proposal in flight when the operator dies left nothing behind: it is redone.
+            if context.key in self._proposing:
+                return None  # the thread whose proposal is in flight starts the trial
             steps = TrialSteps(store, context.record, context.config, context.workspace)
             try:
-                found = context.strategy.propose(steps.proposal_context(rows, action))
-            except StrategyUnavailable:
-                raise  # kopf retries the reconcile later
+                found = self._propose(context, steps, rows, action)
             except StrategyFailed as exc:
                 return engine.Stop(engine.EndReason.STRATEGY_FAILED, str(exc))
+            if context.strategy.remote:
+                # The campaign went on while the model was asked: what it did meanwhile
+                # is read again, and the proposal used only if its trial is still due. A
+                # Campaign edited meanwhile is left to the resync: its own reconcile
+                # found this proposal in flight.
+                rows[:] = store.trials(context.record.id)
+                if self._campaign_changed(body, context):
+                    return None
+                if not self._still_due(context, rows, action):
+                    continue
             if isinstance(found, Exhausted):
                 exhausted = found.message
                 continue
@@ -264,6 +274,55 @@ class CampaignController:
             rows.append(
                 self._create_trial(body, context, store, action.number, commit, parent, found)
             )
+
+    def _propose(
+        self,
+        context: CampaignContext,
+        steps: TrialSteps,
+        rows: list[TrialRecord],
+        action: engine.Propose,
+    ) -> Proposal | Skipped | Exhausted:
+        """The strategy's proposal for ACTION; a remote one is made without the campaign's
+        lock: a model takes tens of seconds, and the campaign's runs are recorded
+        meanwhile. A proposal in flight when the operator dies left nothing behind: it is
+        made again. A StrategyUnavailable goes up: kopf retries the reconcile later."""
+        proposing = steps.proposal_context(rows, action)
+        if not context.strategy.remote:
+            return context.strategy.propose(proposing)
+        self._proposing.add(context.key)
+        try:
+            with self.locks.released(context.namespace, context.name):
+                return context.strategy.propose(proposing)
+        finally:
+            self._proposing.discard(context.key)
+
+    def _still_due(
+        self, context: CampaignContext, rows: list[TrialRecord], action: engine.Propose
+    ) -> bool:
+        """Whether the campaign, its trials now ROWS, still wants a new trial of ACTION's
+        number."""
+        actions = engine.plan(
+            [row.view() for row in rows],
+            context.limits,
+            context.objective,
+            self.elapsed(context),
+            policy=context.config.decision.policy(),
+            parallelism=context.spec.parallelism,
+        )
+        if isinstance(actions, engine.Stop):
+            return False
+        return any(
+            isinstance(due, engine.Propose) and due.number == action.number for due in actions
+        )
+
+    def _campaign_changed(self, body: Manifest, context: CampaignContext) -> bool:
+        """True when the Campaign BODY is gone, being deleted, suspended or edited since."""
+        now = self.api.get_campaign(context.namespace, context.name)
+        if now is None or now["metadata"].get("deletionTimestamp"):
+            return True
+        suspended = bool((now.get("spec") or {}).get("suspend"))
+        edited = now["metadata"].get("generation") != body["metadata"].get("generation")
+        return suspended or edited or now["metadata"].get("uid") != context.uid
 
     def _create_trial(
         self,

@@ -52,6 +52,10 @@ class CampaignContext:
     repo_url: str  # where trainer pods fetch trial commits
 
     @property
+    def key(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+    @property
     def objective(self) -> engine.Objective:
         return objective_of(self.config)
 
@@ -109,6 +113,17 @@ class KeyedLocks:
             lock = self._locks.setdefault((namespace, name), threading.RLock())
         with lock:
             yield
+
+    @contextmanager
+    def released(self, namespace: str, name: str) -> Iterator[None]:
+        """Lets go of the campaign's lock, held by this thread, for a slow call that needs
+        no lock (a model's proposal), and takes it back. Held more than once, it stays held."""
+        lock = self._locks[(namespace, name)]
+        lock.release()
+        try:
+            yield
+        finally:
+            lock.acquire()
 
 
 class CampaignOpener:

@@ -106,7 +106,7 @@ def register(
     # has a timer or a daemon, two more writes for each trial.
     def campaign_resync(namespace: str | None, name: str, **_: Any) -> None:
         campaigns.reconcile(_namespaced(namespace), name)
-        trials.sync_undecided(_namespaced(namespace), name)
+        trials.resync(_namespaced(namespace), name)
 
     kopf.timer(*CAMPAIGNS, interval=settings.resync_seconds, backoff=retry, registry=registry)(
         counted("campaign-resync", campaign_resync)

@@ -89,11 +89,15 @@ class TrialController:
             else:
                 self._sync(*opened, trial)
 
-    def sync_undecided(self, namespace: str, campaign: str) -> None:
-        """Sync each Trial of CAMPAIGN without a verdict (the resync of missed events)."""
+    def resync(self, namespace: str, campaign: str) -> None:
+        """Sync each Trial of CAMPAIGN without a verdict, and its best (the one decided
+        trial that still runs, measured again): missed events and writes that failed."""
+        body = self.api.get_campaign(namespace, campaign)
+        best = (((body or {}).get("status") or {}).get("best") or {}).get("trial")
         for trial in self.api.known_trials(namespace, campaign):
-            if not decided(trial):
-                self.sync(namespace, trial["metadata"]["name"], campaign)
+            name = trial["metadata"]["name"]
+            if not decided(trial) or name == best:
+                self.sync(namespace, name, campaign)
 
     def running(self, namespace: str, campaign: str) -> list[tuple[str, str]]:
         """CAMPAIGN's Trials whose Job runs: each Trial's name and its Job's."""
@@ -209,8 +213,15 @@ class TrialController:
         steps = self.steps(context)
         number = TrialSpec.model_validate(trial["spec"]).number
         row = steps.store.get_trial(context.record.id, number)
-        run = None if row is None else _going(row)
-        if row is None or run is None:
+        if row is None:
+            return
+        run = _going(row)
+        if run is None:
+            # Every run is recorded. If the writes after the last one failed (the Trial
+            # does not show it yet), they are made again.
+            shown = trial.get("status") or {}
+            if any(shown.get(key) != value for key, value in _runs_status(row).items()):
+                self._wake(campaign, context, steps, row.number)
             return
         if self._follow(campaign, context, steps, trial, row, run) is not None:
             self._wake(campaign, context, steps, row.number)

@@ -120,6 +120,9 @@ class ProposalContext:
 
 class Strategy(Protocol):
     name: str
+    # True when a proposal waits on a service (a model: seconds to minutes); the operator
+    # then asks for it without holding the campaign's lock.
+    remote: bool
 
     def check_access(self) -> None:
         """Raise StrategyFailed when a service the strategy needs refuses it (a bad key)."""

@@ -28,6 +28,7 @@ Point = dict[str, ConstantValue]
 
 class SweepStrategy:
     name: str = "sweep"
+    remote: bool = False
 
     def __init__(self, settings: SweepSettings) -> None:
         self.settings = settings

@@ -43,6 +43,7 @@ TRUNCATED = (
 
 class LLMStrategy:
     name: str = "llm"
+    remote: bool = True
 
     def __init__(self, settings: LLMSettings, api_key: str, price: Price, program: str) -> None:
         self.settings = settings
