@@ -18,7 +18,11 @@ import kmock
 from emulator import Fault, error
 
 OPERATOR_AGENTS = ("kopf/", "OpenAPI-Generator/")
-WRITES = frozenset({kmock.action.CREATE, kmock.action.DELETE})
+# The faults each kind of request may meet: a write may be made before its answer is
+# lost, and only an update conflicts.
+READ_FAULTS = ("500",)
+WRITE_FAULTS = ("500", "500 after the write")
+UPDATE_FAULTS = (*WRITE_FAULTS, "409")
 
 
 @dataclass
@@ -40,12 +44,12 @@ class ApiFaults:
             return None
         if self._rng.random() >= self.rate:
             return None
-        is_update = request.action == kmock.action.UPDATE or request.method == kmock.method.PUT
-        kinds = ("500",)
-        if is_update:
-            kinds = ("500", "500 after the write", "409")
-        elif request.action in WRITES:
-            kinds = ("500", "500 after the write")
+        if request.action == kmock.action.UPDATE or request.method == kmock.method.PUT:
+            kinds = UPDATE_FAULTS
+        elif request.action in (kmock.action.CREATE, kmock.action.DELETE):
+            kinds = WRITE_FAULTS
+        else:
+            kinds = READ_FAULTS
         kind = self._rng.choice(kinds)
         self.injected[kind] += 1
         if kind == "409":

@@ -34,6 +34,7 @@ from kubelet import (
     kubelet,
     operator_settings,
     phase_is,
+    rows,
     status,
     success,
     sweep_campaign,
@@ -111,18 +112,17 @@ def outcome(kube: KubeEmulator, database_url: str, name: str) -> dict[str, Any]:
             t.number: [(r.number, r.seed, r.status, r.metric) for r in t.runs]
             for t in store.trials(record.id)
         }
-        rows = [(t.number, t.status, t.kept) for t in store.trials(record.id)]
     trials = [t for t in names(kube, TRIALS, NAMESPACE) if t.startswith(prefix)]
     verdicts = {
         t.removeprefix(prefix): tuple(status(kube, TRIALS, t).get(k) for k in ("decision", "runs"))
         for t in trials
     }
     jobs = sorted(
-        j.removeprefix(prefix) for j in names(kube, JOBS, NAMESPACE) if j[: len(prefix)] == prefix
+        j.removeprefix(prefix) for j in names(kube, JOBS, NAMESPACE) if j.startswith(prefix)
     )
     return {
         "phase": status(kube, CAMPAIGNS, name).get("phase"),
-        "rows": rows,
+        "rows": rows(database_url, name),
         "runs": runs,
         "verdicts": verdicts,
         "jobs": jobs,

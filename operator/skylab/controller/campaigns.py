@@ -216,15 +216,7 @@ class CampaignController:
         trials as read just before, gets each trial started (or skipped) here."""
         exhausted: str | None = None
         while True:
-            actions = engine.plan(
-                [row.view() for row in rows],
-                context.limits,
-                context.objective,
-                elapsed,
-                policy=context.config.decision.policy(),
-                parallelism=context.spec.parallelism,
-                strategy_exhausted=exhausted,
-            )
+            actions = self._plan(context, rows, elapsed, exhausted)
             if isinstance(actions, engine.Stop):
                 return actions
             # A trial's next run is its own reconcile's: the Trial's handlers start its Job.
@@ -296,19 +288,29 @@ class CampaignController:
         finally:
             self._proposing.discard(context.key)
 
+    @staticmethod
+    def _plan(
+        context: CampaignContext,
+        rows: list[TrialRecord],
+        elapsed: float,
+        exhausted: str | None = None,
+    ) -> engine.Stop | list[engine.Start]:
+        return engine.plan(
+            [row.view() for row in rows],
+            context.limits,
+            context.objective,
+            elapsed,
+            policy=context.config.decision.policy(),
+            parallelism=context.spec.parallelism,
+            strategy_exhausted=exhausted,
+        )
+
     def _still_due(
         self, context: CampaignContext, rows: list[TrialRecord], action: engine.Propose
     ) -> bool:
         """Whether the campaign, its trials now ROWS, still wants a new trial of ACTION's
         number."""
-        actions = engine.plan(
-            [row.view() for row in rows],
-            context.limits,
-            context.objective,
-            self.elapsed(context),
-            policy=context.config.decision.policy(),
-            parallelism=context.spec.parallelism,
-        )
+        actions = self._plan(context, rows, self.elapsed(context))
         if isinstance(actions, engine.Stop):
             return False
         return any(
